@@ -1,0 +1,1 @@
+"""Example deployments: the three of Modelbit's batch-inference page, and a small model."""

@@ -1,0 +1,194 @@
+"""The Starlette runtime: routes, the request path, and the error table.
+
+`STATUS` is the one place where exceptions become HTTP status codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import traceback
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from framework import config as cfgmod
+from framework import encoding, protocol
+from framework.cache import VersionCache
+from framework.errors import (
+    BadRequest,
+    CallTimeout,
+    DeploymentFailed,
+    FrameworkError,
+    IncompatibleArtifact,
+    IntegrityError,
+    LoadFailed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RowsFailed,
+)
+
+log = logging.getLogger("framework.runtime")
+
+# Nothing a retry cannot fix is a 5xx: the modelbit client retries those.
+STATUS: dict[type[FrameworkError], int] = {
+    BadRequest: 400,
+    NotFound: 404,
+    IntegrityError: 409,
+    IncompatibleArtifact: 409,
+    PayloadTooLarge: 413,
+    DeploymentFailed: 422,
+    RowsFailed: 422,
+    LoadFailed: 422,
+    Overloaded: 503,
+    CallTimeout: 504,
+}
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else encoding.dumps(content)
+
+
+def error_response(exc: FrameworkError) -> Response:
+    status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+    body: dict[str, Any] = {"error": str(exc).rstrip("\n")}
+    if isinstance(exc, RowsFailed):
+        body["errors"] = exc.errors
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(body, status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = PayloadTooLarge(
+        f"request body is over the {limit}-byte limit; split the batch into smaller requests"
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Runtime:
+    """The state behind the routes: the store, its cache and the limits."""
+
+    def __init__(self, cfg: cfgmod.Config) -> None:
+        self.cfg = cfg
+        self.store = cfg.open_store()
+        s = cfg.server
+        self.limit = s["max_body_bytes"]
+        self.timeout = float(s["timeout_seconds"])
+        self.max_inflight = s["max_concurrency"]
+        self.inflight = 0
+        self.versions = VersionCache(self.store, size=s["cache_size"], threads=s["threads_per_version"])
+
+    async def infer(self, request: Request) -> Response:
+        p = request.path_params
+        branch = p.get("branch", "main").replace("~", "/")
+        if self.inflight >= self.max_inflight:
+            raise Overloaded(f"the server is busy ({self.inflight} requests in flight); retry shortly")
+        self.inflight += 1
+        try:
+            body = await read_body(request, self.limit)
+            call = protocol.parse(body)
+            version = await self.versions.resolve(branch, p["name"], p["ref"])
+            runner = await self.versions.runner(branch, p["name"], version)
+            timeout = min(call.timeout or self.timeout, self.timeout)
+            status, payload = await runner.run(call, timeout)
+        finally:
+            self.inflight -= 1
+        return JSONResponse(payload, status)
+
+    async def list_deployments(self, request: Request) -> Response:
+        out = []
+        for branch in self.store.branches():
+            for name in self.store.names(branch):
+                latest = self.store.latest(branch, name)
+                if latest is not None:
+                    out.append({"name": name, "branch": branch, "latest": latest})
+        return JSONResponse({"deployments": out})
+
+    async def describe(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        branch = request.path_params.get("branch", "main").replace("~", "/")
+        numbers = self.store.versions(branch, name)
+        if not numbers:
+            raise NotFound(f"no deployment {name!r} on branch {branch!r}; see GET /v1/")
+        versions = []
+        for v in numbers:
+            m = self.store.read_manifest(branch, name, v)
+            versions.append({k: m.get(k) for k in ("version", "created_at", "sha256", "size", "git")})
+        return JSONResponse({
+            "name": name,
+            "branch": branch,
+            "latest": numbers[-1],
+            "aliases": self.store.aliases(branch, name),
+            "versions": versions,
+        })
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "loaded": len(self.versions.loaded())})
+
+
+def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
+    rt = Runtime(cfg or cfgmod.load())
+    debug = bool(rt.cfg.server["debug"])
+
+    async def on_framework_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FrameworkError)
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        hint = {404: f"no route {request.url.path}; POST /v1/<name>/<ref> to run a deployment",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+        return JSONResponse({"error": hint.get(exc.status_code, exc.detail)}, exc.status_code)
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        detail = "".join(traceback.format_exception(exc)) if debug else ""
+        return JSONResponse({"error": f"{detail}internal error: {type(exc).__name__}"}, 500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        rt.versions.close()
+
+    routes = [
+        Route("/healthz", rt.healthz, methods=["GET"]),
+        Route("/v1", rt.list_deployments, methods=["GET"]),
+        Route("/v1/", rt.list_deployments, methods=["GET"]),
+        Route("/v1/{name}", rt.describe, methods=["GET"]),
+        Route("/v1/{name}/{ref}", rt.infer, methods=["POST"]),
+        Route("/v1/{name}/{branch}", rt.describe, methods=["GET"]),
+        Route("/v1/{name}/{branch}/{ref}", rt.infer, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            FrameworkError: on_framework_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+        lifespan=lifespan,
+    )
+    app.state.runtime = rt
+    return app
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for `framework serve --workers N`: config from $FRAMEWORK_CONFIG."""
+    return create_app(cfgmod.load())

@@ -1,0 +1,131 @@
+"""`deploy.yaml` and the environment variables that override it.
+
+Lookup: `--config PATH`, else $FRAMEWORK_CONFIG, else `./deploy.yaml`; with
+no file at all, the defaults below apply (store `.framework-store` in the
+current directory, branch `main`). $FRAMEWORK_STORE and $FRAMEWORK_BRANCH
+override `store:` and `branch:`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from framework.errors import ConfigError
+
+CONFIG_NAME = "deploy.yaml"
+DEFAULT_STORE = ".framework-store"
+
+SERVER_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 8000,
+    "workers": 1,
+    "max_body_bytes": 32 * 1024 * 1024,
+    "max_concurrency": 1024,
+    "timeout_seconds": 300.0,
+    "cache_size": 64,
+    "threads_per_version": 8,
+    "debug": False,
+}
+
+TOP_KEYS = {"store", "branch", "modules", "aliases", "server"}
+
+
+@dataclass
+class Config:
+    path: Path | None
+    root: Path
+    store: str
+    branch: str = "main"
+    modules: list[str] = field(default_factory=list)
+    aliases: dict[str, dict[str, int]] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=lambda: dict(SERVER_DEFAULTS))
+
+    def open_store(self) -> Any:
+        from framework.store import open_store
+
+        return open_store(self.store)
+
+
+def _fail(path: Path | None, key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{path or CONFIG_NAME}: {key}: {problem}; {fix}")
+
+
+def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _fail(path, "server", "must be a mapping", f"allowed keys: {sorted(SERVER_DEFAULTS)}")
+    out = dict(SERVER_DEFAULTS)
+    for key, value in raw.items():
+        if key not in SERVER_DEFAULTS:
+            raise _fail(path, f"server.{key}", "unknown key", f"allowed: {sorted(SERVER_DEFAULTS)}")
+        want = type(SERVER_DEFAULTS[key])
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else (
+            isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        )
+        if not ok:
+            raise _fail(path, f"server.{key}", f"must be a {want.__name__}, got {value!r}", "fix it")
+        out[key] = value
+    return out
+
+
+def _check_aliases(path: Path | None, raw: Any) -> dict[str, dict[str, int]]:
+    if raw is None:
+        return {}
+    fix = "write it as  aliases: {deployment_name: {alias_name: version_number}}"
+    if not isinstance(raw, dict):
+        raise _fail(path, "aliases", "must be a mapping", fix)
+    for name, pins in raw.items():
+        if not isinstance(pins, dict) or not all(
+            isinstance(a, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for a, v in pins.items()
+        ):
+            raise _fail(path, f"aliases.{name}", "must map alias names to version numbers", fix)
+    return raw
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read the configuration; raises ConfigError naming the file, the key and the fix."""
+    explicit = path or os.environ.get("FRAMEWORK_CONFIG")
+    file = Path(explicit) if explicit else Path.cwd() / CONFIG_NAME
+    raw: Any = {}
+    if file.exists():
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: must be a mapping of settings ({sorted(TOP_KEYS)})")
+    elif explicit:
+        raise ConfigError(f"config file {file} does not exist; check --config / FRAMEWORK_CONFIG")
+    else:
+        file = None
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise _fail(file, ", ".join(sorted(unknown)), "unknown key", f"allowed: {sorted(TOP_KEYS)}")
+    root = file.parent.resolve() if file else Path.cwd()
+    store = os.environ.get("FRAMEWORK_STORE") or raw.get("store") or DEFAULT_STORE
+    if not isinstance(store, str):
+        raise _fail(file, "store", f"must be a directory path, got {store!r}", "quote it")
+    if "://" not in store and not os.path.isabs(store):
+        store = str(root / store)
+    branch = os.environ.get("FRAMEWORK_BRANCH") or raw.get("branch") or "main"
+    if not isinstance(branch, str):
+        raise _fail(file, "branch", f"must be a string, got {branch!r}", "quote it")
+    modules = raw.get("modules") or []
+    if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
+        raise _fail(file, "modules", "must be a list of module names", "e.g. [deployments]")
+    return Config(
+        path=file,
+        root=root,
+        store=store,
+        branch=branch,
+        modules=list(modules),
+        aliases=_check_aliases(file, raw.get("aliases")),
+        server=_check_server(file, raw.get("server")),
+    )

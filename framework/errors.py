@@ -1,0 +1,89 @@
+"""The framework's exceptions.
+
+Every message ends with what to do about it. HTTP status codes are *not*
+decided here: `framework.app` maps these classes to statuses in one table.
+"""
+
+from __future__ import annotations
+
+
+class FrameworkError(Exception):
+    """Base class: anything the framework raises on purpose."""
+
+
+class ConfigError(FrameworkError):
+    """`deploy.yaml` or an environment variable is wrong."""
+
+
+class RegistryError(FrameworkError):
+    """A deployment was declared wrongly (duplicate name, bad option)."""
+
+
+class PackagingError(FrameworkError):
+    """A deployment could not be pickled into an artifact."""
+
+
+class StoreError(FrameworkError):
+    """The store could not be read or written."""
+
+
+class NotFound(FrameworkError):
+    """An unknown deployment, branch, version or alias."""
+
+
+class IntegrityError(FrameworkError):
+    """An artifact does not match its manifest (sha256, signature)."""
+
+
+class IncompatibleArtifact(FrameworkError):
+    """An artifact was built for another Python major.minor."""
+
+
+class LoadFailed(FrameworkError):
+    """A stored version raised while being unpickled or set up."""
+
+
+class BadRequest(FrameworkError):
+    """A request body that does not follow the protocol."""
+
+
+class PayloadTooLarge(FrameworkError):
+    """A request body over the configured limit."""
+
+
+class DeploymentFailed(FrameworkError):
+    """The user's function raised on a single call."""
+
+
+class RowsFailed(FrameworkError):
+    """At least one row of a batch raised; carries every row's outcome."""
+
+    def __init__(self, message: str, data: list, errors: list) -> None:
+        super().__init__(message)
+        self.data = data
+        self.errors = errors
+
+
+class CallTimeout(FrameworkError):
+    """A call ran past its time limit."""
+
+
+class Overloaded(FrameworkError):
+    """The server is at its concurrency limit; retry later."""
+
+
+class InferenceError(FrameworkError):
+    """Raised by the client: the server refused a call, or some rows failed.
+
+    `data` holds the rows that succeeded and `errors` the rows that failed,
+    both sorted by id, so a caller can keep the partial answer.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, data: list | None = None,
+        errors: list | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.data = data or []
+        self.errors = errors or []

@@ -1,0 +1,151 @@
+"""Modelbit's REST inference protocol: where a request body is parsed.
+
+Pure functions over bytes and Python values, with no HTTP in them: the
+runtime app turns what these raise into status codes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import orjson
+
+from framework.errors import BadRequest
+
+
+@dataclass
+class Call:
+    """A parsed request: a single call, or batch rows as (id, args)."""
+
+    batch: bool
+    data: Any
+    ids: list[Any]
+    rows: list[list[Any]]
+    partial: bool
+    timeout: float | None
+
+
+def _is_id(value: Any) -> bool:
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (int, str))
+
+
+def parse(body: bytes) -> Call:
+    """Parse a request body, whatever its Content-Type said."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(
+            f'request body is not valid JSON ({exc}); send {{"data": ...}}'
+        ) from None
+    if not isinstance(doc, dict) or "data" not in doc:
+        raise BadRequest('request body must be a JSON object with a "data" key, e.g. {"data": [[1, 10]]}')
+    data = doc["data"]
+    batch_opt = doc.get("batch")
+    if batch_opt is not None and not isinstance(batch_opt, bool):
+        raise BadRequest(f'"batch" must be true or false, got {batch_opt!r}')
+    partial = doc.get("partial", False)
+    if not isinstance(partial, bool):
+        raise BadRequest(f'"partial" must be true or false, got {partial!r}')
+    timeout = doc.get("timeout_seconds")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise BadRequest(f'"timeout_seconds" must be a positive number, got {timeout!r}')
+    if doc.get("response_webhook") is not None:
+        raise BadRequest('"response_webhook" is not supported yet; call without it and wait for the answer')
+    if doc.get("response_format") not in (None, "json"):
+        raise BadRequest(f'"response_format" {doc["response_format"]!r} is not supported; omit it for JSON')
+    is_list = isinstance(data, list)
+    if batch_opt is None:
+        batch = is_list and all(isinstance(row, list) for row in data)
+    elif batch_opt and not is_list:
+        raise BadRequest('"batch": true needs "data" to be a list of rows [id, args...]')
+    else:
+        batch = batch_opt
+    if not batch:
+        return Call(False, data, [], [], partial, timeout)
+    ids: list[Any] = []
+    rows: list[list[Any]] = []
+    seen: set[Any] = set()
+    for index, row in enumerate(data):
+        if not isinstance(row, list) or not row:
+            raise BadRequest(
+                f"row {index} must be a non-empty list [id, args...], got {_short(row)}"
+            )
+        row_id = row[0]
+        if not _is_id(row_id):
+            raise BadRequest(
+                f"row {index} has an invalid id {_short(row_id)}: an id is a string or a number"
+            )
+        if row_id in seen:
+            raise BadRequest(f"id {row_id!r} appears more than once (row {index}); ids must be unique")
+        seen.add(row_id)
+        ids.append(row_id)
+        rows.append(row)
+    return Call(True, data, ids, rows, partial, timeout)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def sort_key(row_id: Any) -> tuple[int, Any]:
+    """Numbers first in numeric order, then strings in lexicographic order."""
+    return (1, row_id) if isinstance(row_id, str) else (0, row_id)
+
+
+class Binder:
+    """Turns a row's arguments into (args, kwargs) for one function's signature."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        positional = [
+            p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        self.varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+        self.max_pos = len(positional)
+        self.min_pos = sum(1 for p in positional if p.default is p.empty)
+        self.names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        self.several = self.max_pos > 1 or self.varargs
+
+    def _as_kwargs(self, value: Any) -> bool:
+        return (
+            self.several
+            and isinstance(value, dict)
+            and bool(value)
+            and all(isinstance(k, str) and k in self.names for k in value)
+        )
+
+    def row(self, args: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if len(args) == 1 and self._as_kwargs(args[0]):
+            return (), args[0]
+        return tuple(args), {}
+
+    def single(self, data: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if (
+            self.several
+            and isinstance(data, list)
+            and self.min_pos <= len(data)
+            and (self.varargs or len(data) <= self.max_pos)
+        ):
+            return tuple(data), {}
+        if self._as_kwargs(data):
+            return (), data
+        return (data,), {}
+
+
+def error_text(exc: BaseException) -> str:
+    """`ValueError: message` on one line: what a caller is shown of a failure."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

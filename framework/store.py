@@ -1,0 +1,269 @@
+"""The versioned store: an interface, and the local-directory backend.
+
+Everything outside this module talks to `Store` in terms of (branch, name,
+version) and bytes, never paths, so an object-storage backend can sit behind
+the same methods.
+
+Local layout (`<root>` is the store directory)::
+
+    <root>/branches/<branch, %-encoded>/<name>/<version>/artifact.pkl
+                                                        /manifest.json
+    <root>/branches/<branch>/<name>/aliases.json
+    <root>/.staging/   versions being written; never read
+
+Publishing writes a version under `.staging`, then renames the directory to
+`<name>/<N>`. A rename onto an existing non-empty directory fails, so two
+deploys racing for N cannot both win: the loser retries with N+1. A deploy
+killed mid-write leaves only a directory under `.staging`.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import fcntl
+import os
+import re
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote, unquote
+
+from framework import manifest as mf
+from framework.errors import NotFound, StoreError
+from framework.registry import check_name
+
+BRANCH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+STALE_STAGING_S = 3600
+
+
+def check_branch(branch: object) -> str:
+    if not isinstance(branch, str) or not BRANCH_RE.match(branch) or ".." in branch:
+        raise NotFound(
+            f"invalid branch name {branch!r}: use letters, digits, '.', '_', '-' and '/' "
+            "(write '/' as '~' in URLs)"
+        )
+    return branch
+
+
+def check_alias(alias: object) -> str:
+    if not isinstance(alias, str) or alias == "latest" or not ALIAS_RE.match(alias):
+        raise StoreError(
+            f"invalid alias {alias!r}: an alias starts with a letter or '_', uses letters, digits, "
+            "'_', '.' or '-', and cannot be 'latest' or a number"
+        )
+    return alias
+
+
+class Store(abc.ABC):
+    """What the deployer and the runtime need from a store."""
+
+    @abc.abstractmethod
+    def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
+        """Store a new version atomically; returns its number."""
+
+    @abc.abstractmethod
+    def versions(self, branch: str, name: str) -> list[int]:
+        """Every version of (branch, name), ascending; [] when there is none."""
+
+    @abc.abstractmethod
+    def read_manifest(self, branch: str, name: str, version: int) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def read_artifact(self, branch: str, name: str, version: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def branches(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def names(self, branch: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def aliases(self, branch: str, name: str) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def set_alias(self, branch: str, name: str, alias: str, version: int | None) -> None:
+        """Point `alias` at `version`, or remove it when `version` is None."""
+
+    def latest(self, branch: str, name: str) -> int | None:
+        found = self.versions(branch, name)
+        return found[-1] if found else None
+
+    def resolve(self, branch: str, name: str, ref: str) -> int:
+        """Turn `latest`, a number or an alias into a version number."""
+        where = f"deployment {name!r} on branch {branch!r}"
+        if ref == "latest":
+            version = self.latest(branch, name)
+            if version is None:
+                raise NotFound(f"{where} has no versions: deploy it first")
+            return version
+        if ref.isdigit():
+            version = int(ref)
+            if version not in self.versions(branch, name):
+                raise NotFound(
+                    f"{where} has no version {version}: see `framework versions {name}`"
+                )
+            return version
+        aliases = self.aliases(branch, name)
+        if ref not in aliases:
+            known = ", ".join(sorted(aliases)) or "none"
+            raise NotFound(
+                f"{where} has no alias {ref!r} (aliases: {known}); use latest, a version "
+                "number or an alias"
+            )
+        return aliases[ref]
+
+
+class LocalStore(Store):
+    """A store in a local directory (or a shared filesystem mount)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _dir(self, branch: str, name: str) -> Path:
+        return self.root / "branches" / quote(check_branch(branch), safe="") / check_name(name)
+
+    def _writable_root(self) -> None:
+        try:
+            (self.root / ".staging").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the store at {self.root}: {exc.strerror}; set FRAMEWORK_STORE or "
+                "`store:` in deploy.yaml to a writable directory"
+            ) from exc
+        if not os.access(self.root / ".staging", os.W_OK):
+            raise StoreError(
+                f"the store at {self.root} is not writable; fix its permissions or point "
+                "FRAMEWORK_STORE / `store:` in deploy.yaml elsewhere"
+            )
+
+    def _clean_staging(self) -> None:
+        cutoff = time.time() - STALE_STAGING_S
+        for entry in os.scandir(self.root / ".staging"):
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
+        target = self._dir(branch, name)
+        self._writable_root()
+        self._clean_staging()
+        stage = self.root / ".staging" / uuid.uuid4().hex
+        try:
+            stage.mkdir()
+            _write(stage / "artifact.pkl", artifact)
+            target.mkdir(parents=True, exist_ok=True)
+            version = (self.latest(branch, name) or 0) + 1
+            while True:
+                _write(stage / "manifest.json", mf.dumps({**manifest, "version": version}))
+                try:
+                    os.rename(stage, target / str(version))
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    version = max(version + 1, (self.latest(branch, name) or 0) + 1)
+        except OSError as exc:
+            raise StoreError(f"cannot publish {name!r} to {self.root}: {exc}") from exc
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        _fsync_dir(target)
+        return version
+
+    def versions(self, branch: str, name: str) -> list[int]:
+        try:
+            entries = os.listdir(self._dir(branch, name))
+        except FileNotFoundError:
+            return []
+        return sorted(int(e) for e in entries if e.isdigit())
+
+    def _read(self, branch: str, name: str, version: int, file: str) -> bytes:
+        try:
+            return (self._dir(branch, name) / str(version) / file).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(
+                f"deployment {name!r} on branch {branch!r} has no version {version}"
+            ) from None
+
+    def read_manifest(self, branch: str, name: str, version: int) -> dict[str, Any]:
+        return mf.loads(self._read(branch, name, version, "manifest.json"))
+
+    def read_artifact(self, branch: str, name: str, version: int) -> bytes:
+        return self._read(branch, name, version, "artifact.pkl")
+
+    def branches(self) -> list[str]:
+        try:
+            return sorted(unquote(e) for e in os.listdir(self.root / "branches"))
+        except FileNotFoundError:
+            return []
+
+    def names(self, branch: str) -> list[str]:
+        base = self.root / "branches" / quote(check_branch(branch), safe="")
+        try:
+            return sorted(e.name for e in os.scandir(base) if e.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def aliases(self, branch: str, name: str) -> dict[str, int]:
+        try:
+            return mf.loads((self._dir(branch, name) / "aliases.json").read_bytes())
+        except FileNotFoundError:
+            return {}
+
+    @contextmanager
+    def _locked(self, branch: str, name: str) -> Iterator[Path]:
+        directory = self._dir(branch, name)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield directory
+
+    def set_alias(self, branch: str, name: str, alias: str, version: int | None) -> None:
+        check_alias(alias)
+        if version is not None and version not in self.versions(branch, name):
+            raise NotFound(
+                f"cannot point alias {alias!r} at version {version}: deployment {name!r} on "
+                f"branch {branch!r} has versions {self.versions(branch, name) or 'none'}"
+            )
+        with self._locked(branch, name) as directory:
+            current = self.aliases(branch, name)
+            if version is None:
+                if alias not in current:
+                    raise NotFound(f"deployment {name!r} has no alias {alias!r} to remove")
+                del current[alias]
+            else:
+                current[alias] = version
+            tmp = directory / f".aliases.{uuid.uuid4().hex}"
+            _write(tmp, mf.dumps(current))
+            os.replace(tmp, directory / "aliases.json")
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_store(location: str) -> Store:
+    """The store named by a `store:` setting or FRAMEWORK_STORE."""
+    if "://" in location and not location.startswith("file://"):
+        raise StoreError(
+            f"store {location!r}: only local directories are supported so far; "
+            "give a path (or file://path)"
+        )
+    return LocalStore(location.removeprefix("file://"))
