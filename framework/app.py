@@ -12,18 +12,20 @@ from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from framework import config as cfgmod
-from framework import encoding, protocol
+from framework import auth, encoding, observe, openapi, protocol
 from framework.cache import VersionCache
 from framework.errors import (
     BadRequest,
     CallTimeout,
     DeploymentFailed,
     FrameworkError,
+    Forbidden,
     IncompatibleArtifact,
     IntegrityError,
     LoadFailed,
@@ -31,6 +33,7 @@ from framework.errors import (
     Overloaded,
     PayloadTooLarge,
     RowsFailed,
+    Unauthorized,
 )
 
 log = logging.getLogger("framework.runtime")
@@ -38,6 +41,8 @@ log = logging.getLogger("framework.runtime")
 # Nothing a retry cannot fix is a 5xx: the modelbit client retries those.
 STATUS: dict[type[FrameworkError], int] = {
     BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     IntegrityError: 409,
     IncompatibleArtifact: 409,
@@ -62,7 +67,8 @@ def error_response(exc: FrameworkError) -> Response:
     body: dict[str, Any] = {"error": str(exc).rstrip("\n")}
     if isinstance(exc, RowsFailed):
         body["errors"] = exc.errors
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = {"Retry-After": "1"} if status == 503 else (
+        {"WWW-Authenticate": "Bearer"} if status == 401 else None)
     return JSONResponse(body, status, headers=headers)
 
 
@@ -93,7 +99,8 @@ class Runtime:
         self.timeout = float(s["timeout_seconds"])
         self.max_inflight = s["max_concurrency"]
         self.inflight = 0
-        self.versions = VersionCache(self.store, size=s["cache_size"], threads=s["threads_per_version"])
+        self.versions = VersionCache(self.store, size=s["cache_size"], threads=s["threads_per_version"],
+                                     inline_budget=s["inline_budget_ms"] / 1000)
 
     async def infer(self, request: Request) -> Response:
         p = request.path_params
@@ -105,6 +112,7 @@ class Runtime:
             body = await read_body(request, self.limit)
             call = protocol.parse(body)
             version = await self.versions.resolve(branch, p["name"], p["ref"])
+            request.scope[observe.SCOPE_CALL] = (branch, p["name"], version, call)
             runner = await self.versions.runner(branch, p["name"], version)
             timeout = min(call.timeout or self.timeout, self.timeout)
             status, payload = await runner.run(call, timeout)
@@ -117,7 +125,7 @@ class Runtime:
         for branch in self.store.branches():
             for name in self.store.names(branch):
                 latest = self.store.latest(branch, name)
-                if latest is not None:
+                if latest is not None and auth.visible(request.scope, name):
                     out.append({"name": name, "branch": branch, "latest": latest})
         return JSONResponse({"deployments": out})
 
@@ -145,14 +153,26 @@ class Runtime:
 
 def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     rt = Runtime(cfg or cfgmod.load())
-    debug = bool(rt.cfg.server["debug"])
+    s = rt.cfg.server
+    debug = bool(s["debug"])
+    metrics = observe.Metrics(rt) if s["metrics"] else None
+    # Outermost first: the observer also sees (and logs) the answers of the key check.
+    ring = auth.KeyRing(rt.store, required=s["require_api_keys"])
+    middleware = [Middleware(auth.AuthMiddleware, ring=ring, on_error=error_response)]
+    if metrics is not None or s["access_log"]:
+        if s["access_log"]:
+            observe.configure_access_log()
+        middleware.insert(0, Middleware(observe.ObserveMiddleware, metrics=metrics,
+                                        log_requests=s["access_log"], log_payloads=s["log_payloads"]))
 
     async def on_framework_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, FrameworkError)
+        request.scope[observe.SCOPE_ERROR] = exc
         return error_response(exc)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        request.scope[observe.SCOPE_ERROR] = exc
         hint = {404: f"no route {request.url.path}; POST /v1/<name>/<ref> to run a deployment",
                 405: f"{request.method} is not allowed on {request.url.path}"}
         return JSONResponse({"error": hint.get(exc.status_code, exc.detail)}, exc.status_code)
@@ -175,9 +195,12 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         Route("/v1/{name}/{ref}", rt.infer, methods=["POST"]),
         Route("/v1/{name}/{branch}", rt.describe, methods=["GET"]),
         Route("/v1/{name}/{branch}/{ref}", rt.infer, methods=["POST"]),
+        Route("/openapi.json", openapi.endpoint(rt), methods=["GET"]),
+        *observe.routes(rt, metrics),
     ]
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         exception_handlers={
             FrameworkError: on_framework_error,
             HTTPException: on_http_error,
@@ -185,6 +208,8 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
+    # A trailing slash gets a JSON 404, not a bodyless redirect that POST clients mishandle.
+    app.router.redirect_slashes = False
     app.state.runtime = rt
     return app
 

@@ -23,10 +23,12 @@ Key = tuple[str, str, int]
 
 
 class VersionCache:
-    def __init__(self, store: Store, *, size: int, threads: int, ttl: float = 0.5) -> None:
+    def __init__(self, store: Store, *, size: int, threads: int, inline_budget: float = 0.001,
+                 ttl: float = 0.5) -> None:
         self.store = store
         self.size = size
         self.threads = threads
+        self.inline_budget = inline_budget
         self.ttl = ttl
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._loaded: OrderedDict[Key, Runner] = OrderedDict()
@@ -78,7 +80,7 @@ class VersionCache:
             raise LoadFailed(
                 f"cannot load {name} v{version} ({branch}): {type(exc).__name__}: {exc}"
             ) from exc
-        return Runner(loaded, threads=self.threads)
+        return Runner(loaded, threads=self.threads, inline_budget=self.inline_budget)
 
     def loaded(self) -> list[dict[str, Any]]:
         return [{"branch": b, "name": n, "version": v} for b, n, v in self._loaded]

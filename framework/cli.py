@@ -8,14 +8,18 @@ or written; 5 an unknown deployment, version or alias; 1 anything else.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any, Callable
 
 from framework import config as cfgmod
+from framework import lifecycle
 from framework import manifest as mf
 from framework import registry
 from framework.errors import ConfigError, FrameworkError, NotFound, PackagingError, RegistryError, StoreError
+from framework.publish import Result
+from framework.store import Store
 
 EXIT_CODES: dict[type[FrameworkError], int] = {
     ConfigError: 2,
@@ -43,20 +47,38 @@ def _size(n: int) -> str:
 def cmd_deploy(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     from framework.publish import import_modules, publish_all, roots_of
 
+    branch = lifecycle.deploy_branch(args.branch, cfg)
     import_modules(cfg)
     deps = list(registry.registered().values())
     if not deps:
         raise ConfigError(
             f"{cfg.path or cfgmod.CONFIG_NAME}: modules {cfg.modules} define no @deployment functions"
         )
-    branch = args.branch or cfg.branch
-    print(f"packaging {len(deps)} deployment(s) for branch {branch!r} into {cfg.store}",
-          file=sys.stderr)
-    results = publish_all(cfg.open_store(), deps, branch=branch, roots=roots_of(cfg))
-    print(_table(
-        [[r.name, r.branch, r.version, r.status, _size(r.size), r.sha256[:12]] for r in results],
-        ["NAME", "BRANCH", "VERSION", "STATUS", "SIZE", "SHA256"],
-    ))
+    store = cfg.open_store()
+    if cfg.aliases and not lifecycle.pins_for(cfg, branch):
+        print(f"note: the aliases in {cfg.path} apply to branch {cfg.branch!r}, not {branch!r}",
+              file=sys.stderr)
+    print(f"packaging {len(deps)} deployment(s) for branch {branch!r} into {cfg.store}"
+          f"{' (dry run: nothing is published)' if args.dry_run else ''}", file=sys.stderr)
+
+    def record(r: Result) -> None:
+        # Streamed, so a pipeline keeps the records of what was published before a failure.
+        print(json.dumps({**r.as_dict(), "url": lifecycle.url_of(cfg, r)}), flush=True)
+
+    names = [d.name for d in deps]
+    results = publish_all(
+        store, deps, branch=branch, roots=roots_of(cfg), dry_run=args.dry_run,
+        on_result=record if args.json else None,
+        before_publish=lambda changed: lifecycle.check_pins(cfg, store, branch, names, changed),
+    )
+    if not args.dry_run:
+        for name, alias, version in lifecycle.apply_pins(cfg, store, branch):
+            print(f"alias {alias} of {name} -> v{version} (pinned in {cfg.path})", file=sys.stderr)
+    if not args.json:
+        print(_table(
+            [[r.name, r.branch, r.version, r.status, _size(r.size), r.sha256[:12]] for r in results],
+            ["NAME", "BRANCH", "VERSION", "STATUS", "SIZE", "SHA256"],
+        ))
     return 0
 
 
@@ -71,14 +93,15 @@ def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     if workers == 1:
         from framework.app import create_app
 
-        uvicorn.run(create_app(cfg), host=host, port=port, log_level=args.log_level)
+        uvicorn.run(create_app(cfg), host=host, port=port, log_level=args.log_level,
+                    access_log=not s["access_log"])  # ours replaces uvicorn's access lines
     else:
         # Each worker process builds its own app from the same settings.
         if cfg.path:
             os.environ["FRAMEWORK_CONFIG"] = str(cfg.path)
         os.environ["FRAMEWORK_STORE"] = cfg.store
         uvicorn.run("framework.app:app_from_env", factory=True, host=host, port=port,
-                    workers=workers, log_level=args.log_level)
+                    workers=workers, log_level=args.log_level, access_log=not s["access_log"])
     return 0
 
 
@@ -107,8 +130,10 @@ def cmd_versions(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
         m = store.read_manifest(branch, args.name, v)
         git = m.get("git") or {}
         rows.append([v, m["created_at"], _size(m["size"]), m["sha256"][:12],
-                     (git.get("commit") or "")[:10] or None, git.get("branch"), git.get("author")])
-    print(_table(rows, ["VERSION", "CREATED", "SIZE", "SHA256", "COMMIT", "GIT BRANCH", "AUTHOR"]))
+                     (git.get("commit") or "")[:10] or None, git.get("branch"), git.get("author"),
+                     lifecycle.origin_of(m)])
+    print(_table(rows, ["VERSION", "CREATED", "SIZE", "SHA256", "COMMIT", "GIT BRANCH", "AUTHOR",
+                        "ORIGIN"]))
     return 0
 
 
@@ -120,12 +145,85 @@ def cmd_show(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     return 0
 
 
+def cmd_alias(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
+    store = cfg.open_store()
+    branch = args.branch or cfg.branch
+    where = f"{args.name} on branch {branch!r}"
+    if args.action == "list":
+        if not store.versions(branch, args.name):
+            raise NotFound(f"no deployment {args.name!r} on branch {branch!r}; see `framework list`")
+        found = sorted(store.aliases(branch, args.name).items())
+        print(_table([list(kv) for kv in found], ["ALIAS", "VERSION"]) if found else
+              f"{where} has no aliases; add one with `framework alias set {args.name} ALIAS VERSION`")
+        return 0
+    alias = lifecycle.alias_name(args.alias)
+    if alias in lifecycle.pins_for(cfg, branch).get(args.name, {}):
+        print(f"note: {cfg.path} pins {alias!r}; the next `framework deploy` puts it back",
+              file=sys.stderr)
+    if args.action == "rm":
+        store.set_alias(branch, args.name, alias, None)
+        print(f"{where}: removed alias {alias}")
+    else:
+        version = store.resolve(branch, args.name, args.version)
+        store.set_alias(branch, args.name, alias, version)
+        print(f"{where}: {alias} -> v{version}")
+    return 0
+
+
+def _now_runs(store: Store, result: Result) -> None:
+    """Say what `latest` runs after a promote or rollback, and where its artifact came from."""
+    m = store.read_manifest(result.branch, result.name, result.version)
+    commit = ((m.get("git") or {}).get("commit") or "")[:10]
+    print(f"{result.name} on branch {result.branch!r}: {result.status}; latest is now "
+          f"v{result.version} ({lifecycle.origin_of(m) or 'as deployed'}, sha256 "
+          f"{result.sha256[:12]}{f', commit {commit}' if commit else ''})")
+
+
+def cmd_promote(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
+    store = cfg.open_store()
+    _now_runs(store, lifecycle.promote(store, args.name, src=args.from_branch,
+                                       dst=args.to or cfg.branch, ref=args.version))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
+    store = cfg.open_store()
+    _now_runs(store, lifecycle.rollback(store, args.name, branch=args.branch or cfg.branch,
+                                        to=args.to))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
+    from framework import auth
+
+    store = cfg.open_store()
+    if args.action == "create":
+        limited = [d.strip() for d in args.deployments.split(",") if d.strip()] if args.deployments else None
+        key_id, key = auth.create_key(store, deployments=limited, note=args.note)
+        print(key)
+        print(f"created API key {key_id} for {', '.join(limited) if limited else 'every deployment'}; "
+              "it is shown only this once: store it now", file=sys.stderr)
+    elif args.action == "list":
+        rows = [[k["id"], k["created_at"], ", ".join(k["deployments"] or ["*"]),
+                 "revoked " + k["revoked_at"] if k["revoked_at"] else "active", k["note"] or None]
+                for k in auth.list_keys(store)]
+        print(_table(rows, ["ID", "CREATED", "DEPLOYMENTS", "STATUS", "NOTE"]) if rows else
+              "no API keys: calls need none; `framework keys create` turns keys on")
+    else:
+        print(f"revoked API key {auth.revoke_key(store, args.key_id)}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, cfgmod.Config], int], str]] = {
     "deploy": (cmd_deploy, "package every deployment in deploy.yaml's modules and publish"),
     "serve": (cmd_serve, "serve the store over HTTP (Modelbit's REST protocol)"),
     "list": (cmd_list, "deployments with their latest version"),
     "versions": (cmd_versions, "every version of a deployment"),
     "show": (cmd_show, "a version's manifest, source included"),
+    "alias": (cmd_alias, "set, remove or list a deployment's aliases (movable names for versions)"),
+    "promote": (cmd_promote, "republish a branch's version as the next version of another branch"),
+    "rollback": (cmd_rollback, "republish an older version as the new latest"),
+    "keys": (cmd_keys, "create, list or revoke API keys (the first one turns keys on)"),
 }
 
 
@@ -139,10 +237,38 @@ def parser() -> argparse.ArgumentParser:
     subs["serve"].add_argument("--port", type=int)
     subs["serve"].add_argument("--workers", type=int)
     subs["serve"].add_argument("--log-level", default="info")
-    for name in ("versions", "show"):
+    subs["deploy"].add_argument("--dry-run", action="store_true",
+                                help="package and validate everything, publish nothing")
+    subs["deploy"].add_argument("--json", action="store_true",
+                                help="print one JSON record per deployment instead of a table")
+    for name in ("versions", "show", "rollback", "promote"):
         subs[name].add_argument("name")
+    for name in ("versions", "show", "rollback"):
         subs[name].add_argument("--branch")
     subs["show"].add_argument("ref", nargs="?", default="latest", help="latest, a version or an alias")
+    subs["rollback"].add_argument("--to", metavar="VERSION",
+                                  help="version or alias to go back to (default: the one before latest)")
+    subs["promote"].add_argument("--from", dest="from_branch", required=True, metavar="BRANCH")
+    subs["promote"].add_argument("--to", metavar="BRANCH", help="default: deploy.yaml's branch, else main")
+    subs["promote"].add_argument("--version", default="latest", metavar="REF",
+                                 help="latest (default), a version or an alias of --from")
+    actions = subs["alias"].add_subparsers(dest="action", required=True)
+    for action, text in (("set", "point ALIAS at VERSION (a number, latest or another alias)"),
+                         ("rm", "remove ALIAS"), ("list", "every alias and its version")):
+        a = actions.add_parser(action, help=text, description=text)
+        a.add_argument("name")
+        if action != "list":
+            a.add_argument("alias")
+        if action == "set":
+            a.add_argument("version")
+        a.add_argument("--branch")
+    keys = subs["keys"].add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="print a new key (shown once; the store keeps its hash)")
+    create.add_argument("--deployments", metavar="A,B", help="only these deployments (default: all)")
+    create.add_argument("--note", default="", help="who or what the key is for")
+    keys.add_parser("list", help="every key: id, deployments, status (never the key itself)")
+    keys.add_parser("revoke", help="revoke a key (a running server refuses it within a second)"
+                    ).add_argument("key_id", help="the key's id (from `keys list`) or the key")
     return p
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, StoreError
 
 CONFIG_NAME = "deploy.yaml"
 DEFAULT_STORE = ".framework-store"
@@ -29,7 +29,14 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "timeout_seconds": 300.0,
     "cache_size": 64,
     "threads_per_version": 8,
+    # Sync calls measured under this much CPU time run on the event loop, not a thread.
+    "inline_budget_ms": 1.0,
     "debug": False,
+    # Operations and security (README "Operations and security").
+    "require_api_keys": False,
+    "metrics": True,
+    "access_log": True,
+    "log_payloads": False,
 }
 
 TOP_KEYS = {"store", "branch", "modules", "aliases", "server"}
@@ -75,6 +82,9 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
 
 
 def _check_aliases(path: Path | None, raw: Any) -> dict[str, dict[str, int]]:
+    # Imported here, as in Config.open_store: the store module pulls in manifest and registry.
+    from framework.store import check_alias
+
     if raw is None:
         return {}
     fix = "write it as  aliases: {deployment_name: {alias_name: version_number}}"
@@ -86,6 +96,11 @@ def _check_aliases(path: Path | None, raw: Any) -> dict[str, dict[str, int]]:
             for a, v in pins.items()
         ):
             raise _fail(path, f"aliases.{name}", "must map alias names to version numbers", fix)
+        for alias in pins:
+            try:
+                check_alias(alias)
+            except StoreError as exc:
+                raise _fail(path, f"aliases.{name}.{alias}", str(exc), "rename it") from None
     return raw
 
 

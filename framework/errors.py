@@ -43,6 +43,14 @@ class LoadFailed(FrameworkError):
     """A stored version raised while being unpickled or set up."""
 
 
+class Unauthorized(FrameworkError):
+    """A call without a valid API key, where keys are required."""
+
+
+class Forbidden(FrameworkError):
+    """An API key that is valid but not allowed on this deployment."""
+
+
 class BadRequest(FrameworkError):
     """A request body that does not follow the protocol."""
 

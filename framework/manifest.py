@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +40,27 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip() or None
 
 
+# Where GitHub Actions and GitLab CI name the branch of a detached checkout.
+CI_BRANCH_VARS = ("GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME")
+
+
+def now() -> str:
+    """A manifest timestamp: UTC, to the second."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def git_info(root: Path) -> dict[str, Any] | None:
     """Commit, branch and author of the checkout at `root`, or None outside git."""
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return None
+    branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch == "HEAD":
+        # Detached HEAD, as CI checkouts of a pull request are: ask the CI instead.
+        branch = next((os.environ[k] for k in CI_BRANCH_VARS if os.environ.get(k)), None)
     return {
         "commit": commit,
-        "branch": _git(root, "rev-parse", "--abbrev-ref", "HEAD"),
+        "branch": branch,
         "author": _git(root, "log", "-1", "--format=%an <%ae>"),
         "dirty": bool(_git(root, "status", "--porcelain", "--untracked-files=no")),
     }
@@ -71,7 +85,7 @@ def build(
         "name": name,
         "branch": branch,
         "version": None,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": now(),
         "sha256": hashlib.sha256(artifact).hexdigest(),
         "size": len(artifact),
         "content_sha256": content_sha256,

@@ -30,6 +30,7 @@ import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
 from framework import manifest as mf
+from framework import signing
 from framework.errors import IncompatibleArtifact, IntegrityError, PackagingError
 from framework.registry import Deployment
 
@@ -254,6 +255,9 @@ def pack(dep: Deployment, *, branch: str, roots: list[Path]) -> Package:
         by_value_modules=by_value,
         root=roots[0],
     )
+    key = signing.current_key()
+    if key is not None:
+        m["signed"] = signing.sign(artifact, m, key)
     return Package(dep.name, artifact, m)
 
 
@@ -269,8 +273,11 @@ class Loaded:
 
 
 def check(artifact: bytes, manifest: dict[str, Any]) -> None:
-    """Refuse an artifact that does not match its manifest or this Python."""
+    """Refuse an artifact that does not match its manifest (or signature) or this Python."""
     where = f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
+    key = signing.current_key()
+    if key is not None:
+        signing.verify(artifact, manifest, key)
     digest = hashlib.sha256(artifact).hexdigest()
     if digest != manifest.get("sha256"):
         raise IntegrityError(

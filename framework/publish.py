@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from framework import config as cfgmod
-from framework import registry
+from framework import registry, signing
 from framework.errors import ConfigError
 from framework.packaging import Package, pack
 from framework.store import Store, check_branch, open_store
@@ -63,6 +63,18 @@ def roots_of(cfg: cfgmod.Config) -> list[Path]:
     return roots
 
 
+def unchanged_version(store: Store, branch: str, name: str, content_sha256: str) -> int | None:
+    """The latest version of (branch, name) when its content is `content_sha256`, else None."""
+    latest = store.latest(branch, name)
+    if latest is None:
+        return None
+    m = store.read_manifest(branch, name, latest)
+    # An unsigned (or other-key) latest is republished once a signing key is set,
+    # or the server that requires signatures could never load it.
+    same = m.get("content_sha256") == content_sha256 and signing.signed_with(m, signing.current_key())
+    return latest if same else None
+
+
 def publish_all(
     store: Store,
     deployments: list[registry.Deployment],
@@ -71,19 +83,26 @@ def publish_all(
     roots: list[Path],
     dry_run: bool = False,
     on_result: Callable[[Result], None] | None = None,
+    before_publish: Callable[[list[str]], None] | None = None,
 ) -> list[Result]:
-    """Pack all, then publish each whose content differs from its latest version."""
+    """Pack all, then publish each whose content differs from its latest version.
+
+    `before_publish` gets the names that would get a new version, once everything
+    is packed and before anything is written (dry runs included): it may raise
+    to stop the deploy.
+    """
     check_branch(branch)
+    # Fail on an unwritable store before spending minutes packing large models.
+    store.check_writable()
     packages: list[Package] = [pack(d, branch=branch, roots=roots) for d in deployments]
+    unchanged = {p.name: unchanged_version(store, branch, p.name, p.manifest["content_sha256"])
+                 for p in packages}
+    if before_publish is not None:
+        before_publish([p.name for p in packages if unchanged[p.name] is None])
     results = []
     for p in packages:
-        latest = store.latest(branch, p.name)
-        same = latest is not None and (
-            store.read_manifest(branch, p.name, latest).get("content_sha256")
-            == p.manifest["content_sha256"]
-        )
-        if same:
-            version, status = latest, "unchanged"
+        if unchanged[p.name] is not None:
+            version, status = unchanged[p.name], "unchanged"
         elif dry_run:
             version, status = None, "dry-run"
         else:

@@ -75,7 +75,49 @@ def _origin(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}{where}"
 
 
-def _make_options(python_packages: Any, setup: Any) -> Options:
+# Batching options of `vectorized=True` deployments, with their defaults: a call
+# gets at most MAX_BATCH_ROWS rows, and waits at most MAX_WAIT_MS for more rows.
+BATCH_DEFAULTS: dict[str, Any] = {"max_batch_rows": 1024, "max_wait_ms": 0.0}
+
+
+def _batching(vectorized: Any, batching: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(vectorized, bool):
+        raise RegistryError(f"vectorized must be True or False, got {vectorized!r}")
+    unknown = set(batching) - set(BATCH_DEFAULTS)
+    if unknown:
+        raise RegistryError(f"unknown option(s) {sorted(unknown)}; allowed: {sorted(BATCH_DEFAULTS)}")
+    if not vectorized:
+        if batching:
+            raise RegistryError(
+                f"{sorted(batching)} only apply to vectorized deployments; add vectorized=True"
+            )
+        return {}
+    out = {"vectorized": True, **BATCH_DEFAULTS}
+    rows = batching.get("max_batch_rows", out["max_batch_rows"])
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise RegistryError(f"max_batch_rows must be a whole number of rows >= 1, got {rows!r}")
+    wait = batching.get("max_wait_ms", out["max_wait_ms"])
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 10_000:
+        raise RegistryError(f"max_wait_ms must be a number of milliseconds in [0, 10000], got {wait!r}")
+    return {**out, "max_batch_rows": rows, "max_wait_ms": float(wait)}
+
+
+def _check_vectorizable(fn: Callable[..., Any]) -> None:
+    """A vectorized function gets one list per parameter, so each needs a name and a place."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return
+    odd = [p.name for p in params if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if odd or not params:
+        raise RegistryError(
+            f"vectorized deployment {fn.__qualname__} must take plain parameters, each receiving "
+            f"a list with one value per row (not *args, **kwargs or keyword-only: {odd})"
+        )
+
+
+def _make_options(python_packages: Any, setup: Any, vectorized: Any = False,
+                  **batching: Any) -> Options:
     if isinstance(python_packages, str) or not all(
         isinstance(p, str) and p.strip() for p in (python_packages or ())
     ):
@@ -85,7 +127,8 @@ def _make_options(python_packages: Any, setup: Any) -> Options:
         )
     if setup is not None and not callable(setup):
         raise RegistryError(f"setup must be a function taking no arguments, got {setup!r}")
-    return Options(python_packages=tuple(python_packages or ()), setup=setup)
+    return Options(python_packages=tuple(python_packages or ()), setup=setup,
+                   extra=_batching(vectorized, batching))
 
 
 def make(
@@ -94,6 +137,8 @@ def make(
     name: str | None = None,
     python_packages: list[str] | tuple[str, ...] | None = None,
     setup: Callable[[], Any] | None = None,
+    vectorized: bool = False,
+    **batching: Any,
 ) -> Deployment:
     """Wrap `fn` as a `Deployment` without registering it."""
     if isinstance(fn, Deployment):
@@ -103,7 +148,10 @@ def make(
     if name is None and fn.__name__ == "<lambda>":
         raise RegistryError("a lambda has no name: give one, e.g. deploy(fn, name='scorer')")
     name = check_name(name if name is not None else fn.__name__)
-    return Deployment(fn, name, _make_options(python_packages, setup))
+    options = _make_options(python_packages, setup, vectorized, **batching)
+    if vectorized:
+        _check_vectorizable(fn)
+    return Deployment(fn, name, options)
 
 
 def register(fn: Callable[..., Any], **options: Any) -> Deployment:
@@ -123,8 +171,14 @@ def register(fn: Callable[..., Any], **options: Any) -> Deployment:
 
 
 def deployment(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
-    """Decorator: `@deployment` or `@deployment(name=..., python_packages=[...], setup=...)`."""
-    allowed = {"name", "python_packages", "setup"}
+    """Decorator: `@deployment` or `@deployment(name=..., python_packages=[...], setup=...)`.
+
+    `vectorized=True` makes the function receive all rows of a call at once (one
+    list per parameter) and return a list of results, one per row; concurrent
+    requests are then gathered into calls of at most `max_batch_rows` rows, waiting
+    at most `max_wait_ms` for more rows when a call is not full.
+    """
+    allowed = {"name", "python_packages", "setup", "vectorized", *BATCH_DEFAULTS}
     unknown = set(options) - allowed
     if unknown:
         raise RegistryError(
@@ -135,7 +189,8 @@ def deployment(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     # Validate now, so a bad option fails at decoration time, not at deploy.
     if "name" in options:
         check_name(options["name"])
-    _make_options(options.get("python_packages"), options.get("setup"))
+    rest = {k: v for k, v in options.items() if k != "name"}
+    _make_options(rest.pop("python_packages", None), rest.pop("setup", None), **rest)
     return lambda f: register(f, **options)
 
 

@@ -9,6 +9,7 @@ Local layout (`<root>` is the store directory)::
     <root>/branches/<branch, %-encoded>/<name>/<version>/artifact.pkl
                                                         /manifest.json
     <root>/branches/<branch>/<name>/aliases.json
+    <root>/keys.json   API keys (their sha256 only), see framework.auth
     <root>/.staging/   versions being written; never read
 
 Publishing writes a version under `.staging`, then renames the directory to
@@ -29,7 +30,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import quote, unquote
 
 from framework import manifest as mf
@@ -89,6 +90,20 @@ class Store(abc.ABC):
     def set_alias(self, branch: str, name: str, alias: str, version: int | None) -> None:
         """Point `alias` at `version`, or remove it when `version` is None."""
 
+    @abc.abstractmethod
+    def read_keys(self) -> dict[str, Any] | None:
+        """The API keys document (hashes only), or None when no key was ever created."""
+
+    @abc.abstractmethod
+    def update_keys(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Run `change` on the keys document under a lock, then replace it atomically."""
+
+    def check_writable(self) -> None:
+        """Raise StoreError now if `publish` could not write, so a deploy fails before packaging.
+
+        A backend that cannot tell cheaply leaves it to `publish`.
+        """
+
     def latest(self, branch: str, name: str) -> int | None:
         found = self.versions(branch, name)
         return found[-1] if found else None
@@ -101,7 +116,7 @@ class Store(abc.ABC):
             if version is None:
                 raise NotFound(f"{where} has no versions: deploy it first")
             return version
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():  # str.isdigit() also accepts "²", which int() refuses
             version = int(ref)
             if version not in self.versions(branch, name):
                 raise NotFound(
@@ -130,7 +145,7 @@ class LocalStore(Store):
     def _dir(self, branch: str, name: str) -> Path:
         return self.root / "branches" / quote(check_branch(branch), safe="") / check_name(name)
 
-    def _writable_root(self) -> None:
+    def check_writable(self) -> None:
         try:
             (self.root / ".staging").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -152,7 +167,7 @@ class LocalStore(Store):
 
     def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
         target = self._dir(branch, name)
-        self._writable_root()
+        self.check_writable()
         self._clean_staging()
         stage = self.root / ".staging" / uuid.uuid4().hex
         try:
@@ -240,8 +255,38 @@ class LocalStore(Store):
             else:
                 current[alias] = version
             tmp = directory / f".aliases.{uuid.uuid4().hex}"
-            _write(tmp, mf.dumps(current))
-            os.replace(tmp, directory / "aliases.json")
+            try:
+                _write(tmp, mf.dumps(current))
+                os.replace(tmp, directory / "aliases.json")
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write aliases of {name!r} in {self.root}: {exc.strerror}; "
+                    "fix the store's permissions"
+                ) from exc
+
+    def read_keys(self) -> dict[str, Any] | None:
+        try:
+            return mf.loads((self.root / "keys.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read API keys from {self.root}: {exc.strerror}") from exc
+
+    def update_keys(self, change: Callable[[dict[str, Any]], None]) -> None:
+        self.check_writable()
+        with open(self.root / ".keys.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            doc = self.read_keys() or {}
+            change(doc)
+            tmp = self.root / f".keys.{uuid.uuid4().hex}"
+            try:
+                _write(tmp, mf.dumps(doc))
+                os.chmod(tmp, 0o600)  # only hashes, but nobody else needs to read them
+                os.replace(tmp, self.root / "keys.json")
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write API keys in {self.root}: {exc.strerror}; fix the store's permissions"
+                ) from exc
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -1,0 +1,205 @@
+"""Side-by-side benchmark: a bare Starlette app against `framework serve`.
+
+    python bench/run.py                  # the full run; writes bench/RESULTS.md
+    python bench/run.py --quick          # one short pass, to check the harness works
+
+Each pass starts the bare app, loads it, stops it, then does the same with our
+runtime (alternating, one server at a time), over loopback with bounded load.
+The table shows per case the median over passes and the ratio ours/bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+import functions
+import load
+import models
+import servers
+
+import framework
+from framework.packaging import pack
+from framework.store import open_store
+
+SINGLE = b'{"data": [[1, 10]]}'
+MLP_ROW = b'{"data": [[1, 5.1, 3.5, 1.4, 0.2]]}'
+
+
+def batch(rows: int, features: int = 1) -> bytes:
+    args = [10] if features == 1 else [5.1, 3.5, 1.4, 0.2]
+    return orjson.dumps({"data": [[i, *args] for i in range(rows)]})
+
+
+# (key, label, path, body, connections, rows per request: 0 means report requests/s)
+THROUGHPUT = [
+    ("single", "single-row batch `[[1, 10]]`, 16 connections, req/s", "/v1/doubler/latest", SINGLE, 16, 0),
+    ("call", "single call `10`, 16 connections, req/s", "/v1/doubler/latest", b'{"data": 10}', 16, 0),
+    ("b1k", "1,000-row batches, 4 connections, rows/s", "/v1/doubler/latest", batch(1000), 4, 1000),
+    ("b10k", "10,000-row batches, 4 connections, rows/s", "/v1/doubler/latest", batch(10000), 4, 10000),
+]
+OURS_ONLY = [
+    ("mlp_rows", "/v1/mlp_rows/latest", batch(1000, 4), 4, 1000),
+    ("mlp_vec", "/v1/mlp_vectorized/latest", batch(1000, 4), 4, 1000),
+    ("micro_rows", "/v1/mlp_rows/latest", MLP_ROW, 64, 0),
+    ("micro_vec", "/v1/mlp_vectorized/latest", MLP_ROW, 64, 0),
+]
+
+
+def measure(server: servers.Server, path: str, body: bytes, conns: int, rows: int,
+            seconds: float, into: dict[str, list[float]], key: str) -> None:
+    status, answer = servers.post(server.port, path, body)
+    if status != 200:
+        raise RuntimeError(f"{server.label} {path} answered {status}: {answer[:300]!r}")
+    result = load.run(server.url(path), body, connections=conns, seconds=seconds)
+    if result.errors:
+        raise RuntimeError(f"{server.label} {path}: {result.errors} failed requests under load")
+    into.setdefault(key, []).append(result.rps * (rows or 1))
+    into.setdefault(key + "_p50", []).append(result.p50_ms)
+    into.setdefault(key + "_p99", []).append(result.p99_ms)
+
+
+def make_store(root: Path, versions: int) -> Path:
+    """A store with `versions` versions of the doubler, and the other functions once."""
+    store_dir = root / "store"
+    store = open_store(str(store_dir))
+    package = pack(functions.doubler, branch="main", roots=[servers.BENCH])
+    for _ in range(versions):
+        store.publish("main", "doubler", package.artifact, package.manifest)
+    for dep in (functions.bumped, models.mlp_rows, models.mlp_vectorized):
+        framework.deploy(dep, store=str(store_dir))
+    return store_dir
+
+
+def deploy_to_served(server: servers.Server, store_dir: Path, step: int) -> float:
+    """Seconds from a deploy returning to the server answering with the new version."""
+    framework.deploy(functions.make_bumped(step), name="bumped", store=str(store_dir))
+    done = time.perf_counter()
+    want = orjson.dumps({"data": 2 * 10 + step})
+    for _ in range(2000):  # bounded: 2,000 probes, at most about 10 s
+        if servers.post(server.port, "/v1/bumped/latest", b'{"data": 10}')[1] == want:
+            return time.perf_counter() - done
+        time.sleep(0.005)
+    raise RuntimeError("the new version was not served within 10 s")
+
+
+def one_pass(n: int, args: argparse.Namespace, store_dir: Path,
+             bare: dict[str, list[float]], ours: dict[str, list[float]]) -> None:
+    for label, into in (("bare", bare), ("ours", ours)):
+        port = servers.free_port()
+        server = (servers.bare(port, "/v1/doubler/latest", SINGLE) if label == "bare"
+                  else servers.ours(port, store_dir, "/v1/doubler/latest", SINGLE))
+        try:
+            into.setdefault("start", []).append(server.started_s)
+            for key, _, path, body, conns, rows in THROUGHPUT:
+                measure(server, path, body, conns, rows, args.seconds, into, key)
+            into.setdefault("rss", []).append(server.rss_mb())
+            if label == "ours":
+                for key, path, body, conns, rows in OURS_ONLY:
+                    measure(server, path, body, conns, rows, args.seconds, into, key)
+                into.setdefault("deploy", []).append(deploy_to_served(server, store_dir, n + 1))
+        finally:
+            server.stop()
+    port = servers.free_port()
+    server = servers.ours(port, store_dir, "/v1/doubler/latest", SINGLE, workers=2)
+    try:
+        measure(server, THROUGHPUT[0][2], SINGLE, 16, 0, args.seconds, ours, "workers2")
+    finally:
+        server.stop()
+
+
+def table(bare: dict[str, list[float]], ours: dict[str, list[float]], versions: int) -> str:
+    b = {k: statistics.median(v) for k, v in bare.items()}
+    o = {k: statistics.median(v) for k, v in ours.items()}
+
+    def num(x: float) -> str:
+        return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+
+    def row(label: str, bv: str, ov: str, ratio: str, target: str, met: bool | None) -> str:
+        mark = "" if met is None else ("yes" if met else "**no**")
+        return f"| {label} | {bv} | {ov} | {ratio} | {target} | {mark} |"
+
+    lines = ["| case | bare Starlette | ours | ours/bare | target | met |",
+             "|---|---|---|---|---|---|"]
+    for key, label, *_ in THROUGHPUT:
+        r = o[key] / b[key]
+        want = 0.85 if key in ("single", "call") else 0.9
+        lines.append(row(label, num(b[key]), num(o[key]), f"{r:.2f}", f">= {want}", r >= want))
+    for q in ("p50", "p99"):
+        r = o[f"single_{q}"] / b[f"single_{q}"]
+        target, met = ("<= 1.3", r <= 1.3) if q == "p99" else ("", None)
+        lines.append(row(f"{q} latency, single-row batch, ms", num(b[f"single_{q}"]),
+                         num(o[f"single_{q}"]), f"{r:.2f}", target, met))
+    lines.append(row("RSS after load, MB", num(b["rss"]), num(o["rss"]), f"{o['rss'] / b['rss']:.2f}",
+                     "< 80 MB", o["rss"] < 80))
+    lines.append(row(f"start to first answer, s ({versions} versions stored)", num(b["start"]),
+                     num(o["start"]), f"{o['start'] / b['start']:.2f}", "< 0.5 s", o["start"] < 0.5))
+    lines.append(row("deploy finished to new version served, s", "", num(o["deploy"]), "", "about 1 s",
+                     o["deploy"] <= 1.0))
+    lines += ["", "| ours only | row by row | vectorized | gain | target | met |", "|---|---|---|---|---|---|"]
+    r = o["mlp_vec"] / o["mlp_rows"]
+    lines.append(row("numpy MLP, 1,000-row batches, rows/s", num(o["mlp_rows"]), num(o["mlp_vec"]),
+                     f"{r:.1f}x", ">= 10x", r >= 10))
+    r = o["micro_vec"] / o["micro_rows"]
+    lines.append(row("numpy MLP, 64 single-row clients, req/s (micro-batched)", num(o["micro_rows"]),
+                     num(o["micro_vec"]), f"{r:.1f}x", "a gain", r > 1))
+    r = o["workers2"] / o["single"]
+    lines += ["", "| ours only | 1 worker | 2 workers | gain |", "|---|---|---|---|",
+              f"| single-row batch, 16 connections, req/s | {num(o['single'])} | {num(o['workers2'])} "
+              f"| {r:.2f}x |"]
+    return "\n".join(lines)
+
+
+
+def machine() -> str:
+    libs = ", ".join(f"{d} {importlib.metadata.version(d)}"
+                     for d in ("starlette", "uvicorn", "orjson", "numpy", "cloudpickle"))
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {libs}; "
+            f"load generator: {load.generator()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--passes", type=int, default=3, help="passes per server (the median is shown)")
+    p.add_argument("--seconds", type=float, default=3.0, help="load per case and pass, seconds")
+    p.add_argument("--versions", type=int, default=200, help="versions stored before start")
+    p.add_argument("--quick", action="store_true", help="one 0.3 s pass with the Python generator")
+    p.add_argument("--results", help="write the table there (default: bench/RESULTS.md, not with --quick)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.passes, args.seconds, args.versions = 1, 0.3, 5
+        os.environ["BENCH_NO_WRK"] = "1"  # wrk counts whole seconds only
+    results = args.results or (None if args.quick else str(servers.BENCH / "RESULTS.md"))
+    bare: dict[str, list[float]] = {}
+    ours: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="framework-bench-") as tmp:
+        store_dir = make_store(Path(tmp), args.versions)
+        for n in range(args.passes):
+            print(f"pass {n + 1}/{args.passes} ...", file=sys.stderr, flush=True)
+            one_pass(n, args, store_dir, bare, ours)
+    text = table(bare, ours, args.versions)
+    print(text)
+    if results:
+        command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(results).write_text(
+            f"# Benchmark results\n\nLast run: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
+            f"`{command.strip()}` ({args.passes} passes of {args.seconds:g} s per case, medians).\n\n"
+            f"Machine: {machine()}.\n\n{text}\n"
+        )
+        print(f"written to {results}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

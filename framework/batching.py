@@ -1,0 +1,121 @@
+"""Micro-batching for vectorized deployments: concurrent requests, one call.
+
+Requests hand their rows to a version's `Batcher`; one call at a time runs,
+and while it runs the next requests queue up. A call takes queued requests
+whole, up to `max_rows` rows (a larger request is split into chunks of that
+size), after waiting at most `max_wait` seconds for the call to fill up.
+Each request gets back its own rows' outcomes. When a call that mixed several
+requests fails, each of them is run again on its own, so one caller's bad row
+fails only that caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger("framework.runtime")
+
+Outcome = tuple[bool, Any]  # (True, result) or (False, "ValueError: ...")
+# Runs one call over rows `[id, *args]`: (True, one result per row) or (False, error).
+CallRows = Callable[[list[list[Any]]], Awaitable[Outcome]]
+
+
+class _Job:
+    __slots__ = ("rows", "future")
+
+    def __init__(self, rows: list[list[Any]], future: asyncio.Future[Outcome]) -> None:
+        self.rows = rows
+        self.future = future
+
+
+class Batcher:
+    def __init__(self, call: CallRows, *, max_rows: int, max_wait: float) -> None:
+        self.call = call
+        self.max_rows = max_rows
+        self.max_wait = max_wait
+        self._queue: deque[_Job] = deque()
+        self._queued_rows = 0
+        self._full: asyncio.Future[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def submit(self, rows: list[list[Any]]) -> tuple[list[Any], dict[int, str]]:
+        """Run `rows` in the next calls: results in row order (None where a row
+        failed), and the failed rows' errors by index."""
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(rows[i:i + self.max_rows], loop.create_future())
+                for i in range(0, len(rows), self.max_rows)]
+        self._queue.extend(jobs)
+        self._queued_rows += len(rows)
+        if self._full is not None and not self._full.done() and self._queued_rows >= self.max_rows:
+            self._full.set_result(None)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        results: list[Any] = []
+        failed: dict[int, str] = {}
+        try:
+            for job in jobs:
+                ok, value = await job.future
+                if not ok:
+                    failed.update(dict.fromkeys(range(len(results), len(results) + len(job.rows)), value))
+                    value = [None] * len(job.rows)
+                results.extend(value)
+        except asyncio.CancelledError:
+            # A caller that gave up (timeout) leaves its queued rows unrun.
+            for job in jobs:
+                job.future.cancel()
+            raise
+        return results, failed
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            if self.max_wait > 0 and self._queued_rows < self.max_rows:
+                self._full = loop.create_future()
+                timer = loop.call_later(self.max_wait, _resolve, self._full)
+                await self._full
+                timer.cancel()
+                self._full = None
+            jobs = self._take()
+            if jobs:
+                try:
+                    await self._run(jobs)
+                except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
+                    log.error("micro-batch failed", exc_info=exc)
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+
+    def _take(self) -> list[_Job]:
+        """Queued requests, whole, up to max_rows rows (always at least one)."""
+        jobs: list[_Job] = []
+        rows = 0
+        while self._queue and (not jobs or rows + len(self._queue[0].rows) <= self.max_rows):
+            job = self._queue.popleft()
+            self._queued_rows -= len(job.rows)
+            if not job.future.done():
+                jobs.append(job)
+                rows += len(job.rows)
+        return jobs
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        rows = jobs[0].rows if len(jobs) == 1 else [r for job in jobs for r in job.rows]
+        ok, value = await self.call(rows)
+        if not ok and len(jobs) > 1:
+            for job in jobs:
+                if not job.future.done():
+                    await self._run([job])
+            return
+        start = 0
+        for job in jobs:
+            n = len(job.rows)
+            if not job.future.done():
+                job.future.set_result((True, value[start:start + n]) if ok else (False, value))
+            start += n
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
