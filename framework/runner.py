@@ -48,6 +48,12 @@ _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 
 def _switches() -> int:
     return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw if _RUSAGE_THREAD is not None else 0
+
+
+# What a deployment may raise and still get an answer: SystemExit and
+# KeyboardInterrupt from user code are its failures, not the server's. Not
+# BaseException, so asyncio's CancelledError still ends timed-out calls.
+USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 _ARG = itemgetter(1)
 _ARGS = itemgetter(slice(1, None))
 
@@ -111,7 +117,7 @@ class Runner:
                     break
                 # map() ends early when a row raises StopIteration.
                 failed[len(results)] = self._failed(StopIteration(), rows[len(results)][0])
-            except Exception as exc:  # noqa: BLE001 - every row runs, whatever the others do
+            except USER_ERRORS as exc:  # every row runs, whatever the others do
                 failed[len(results)] = self._failed(exc, rows[len(results)][0])
             results.append(None)
         return results, failed
@@ -120,7 +126,7 @@ class Runner:
         try:
             args, kwargs = self.binder.single(data)
             return True, self.fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
+        except USER_ERRORS as exc:
             return False, self._failed(exc)
 
     # -- where a sync call runs -------------------------------------------------
@@ -175,7 +181,7 @@ class Runner:
     async def _one_async(self, args: tuple[Any, ...], kwargs: dict[str, Any], row_id: Any) -> Outcome:
         try:
             return True, await self.fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
+        except USER_ERRORS as exc:
             return False, self._failed(exc, row_id)
 
     async def _rows_async(self, rows: list[list[Any]]) -> tuple[list[Any], dict[int, str]]:
@@ -212,7 +218,7 @@ class Runner:
         if self.is_async:
             try:
                 return self._vector_result(await self.fn(*columns), len(rows))
-            except Exception as exc:  # noqa: BLE001
+            except USER_ERRORS as exc:
                 return False, self._failed(exc)
         n = len(rows)
         if self._cheap(n):
@@ -224,7 +230,7 @@ class Runner:
         n = len(columns[0])
         try:
             return self._vector_result(self.fn(*columns), n)
-        except Exception as exc:  # noqa: BLE001
+        except USER_ERRORS as exc:
             return False, self._failed(exc)
 
     def _vector_result(self, out: Any, n: int) -> Outcome:

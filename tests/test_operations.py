@@ -168,18 +168,13 @@ def test_hanging_deployment_times_out_without_delaying_others(server):
     assert httpx.get(server.url + "/livez").status_code == 200
 
 
-BASE_EXCEPTION = pytest.mark.xfail(
-    strict=True, reason="runner.py catches Exception only: a BaseException that is not an "
-    "Exception answers 500 (the server survives it)")
-
-
 @pytest.mark.parametrize("path,body,fragment", [
     ("/v1/encodings/latest", {"data": "opaque"}, "not JSON-encodable"),
     ("/v1/encodings/latest", {"data": [[1, "opaque"], [2, "nan"]]}, "not JSON-encodable"),
     ("/v1/fails_on_negative/latest", {"data": -2}, "negative input"),
-    pytest.param("/v1/exits/latest", {"data": 3}, "SystemExit", marks=BASE_EXCEPTION),
-    pytest.param("/v1/exits/latest", {"data": [[1, 3]]}, "SystemExit", marks=BASE_EXCEPTION),
-    pytest.param("/v1/interrupts/latest", {"data": 1}, "KeyboardInterrupt", marks=BASE_EXCEPTION),
+    ("/v1/exits/latest", {"data": 3}, "SystemExit"),
+    ("/v1/exits/latest", {"data": [[1, 3]]}, "SystemExit"),
+    ("/v1/interrupts/latest", {"data": 1}, "KeyboardInterrupt"),
 ])
 def test_a_deployment_that_misbehaves_never_takes_the_server_down(server, path, body, fragment):
     resp = server.post(path, body)
