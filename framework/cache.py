@@ -4,7 +4,9 @@
 so a running server sees a new version within about a second without a disk
 read per request. A version number, once seen, never changes: it is cached
 for good. Loaded versions live in a bounded LRU; each is loaded once even when
-many requests ask for it at the same time.
+many requests ask for it at the same time, on a thread pool of its own (a slow
+`setup` cannot starve the resolving of other deployments). A version that
+failed to load is not retried for `FAILED_TTL` seconds.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from framework import packaging
-from framework.errors import IncompatibleArtifact, IntegrityError, LoadFailed, NotFound
+from framework.errors import CallTimeout, IncompatibleArtifact, IntegrityError, LoadFailed, NotFound
+from framework.protocol import error_text
 from framework.runner import Runner
 from framework.store import Store, check_branch
 
 Key = tuple[str, str, int]
+FAILED_TTL = 5.0
+LOAD_THREADS = 4
 
 
 class VersionCache:
@@ -33,8 +39,12 @@ class VersionCache:
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._loaded: OrderedDict[Key, Runner] = OrderedDict()
         self._loading: dict[Key, asyncio.Future[Runner]] = {}
+        self._failed: dict[Key, tuple[LoadFailed, float]] = {}
+        self._load_pool = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="load")
 
     async def resolve(self, branch: str, name: str, ref: str) -> int:
+        if ref.isascii() and ref.isdigit():
+            ref = str(int(ref))  # "01" and "1" share one entry, so URLs cannot grow the cache
         key = (branch, name, ref)
         hit = self._refs.get(key)
         now = time.monotonic()
@@ -46,22 +56,37 @@ class VersionCache:
         self._refs[key] = (version, float("inf") if ref.isdigit() else now + self.ttl)
         return version
 
-    async def runner(self, branch: str, name: str, version: int) -> Runner:
+    async def runner(self, branch: str, name: str, version: int, timeout: float) -> Runner:
+        """The loaded version; loading it may take at most `timeout` seconds of this call."""
         key = (branch, name, version)
         found = self._loaded.get(key)
         if found is not None:
             self._loaded.move_to_end(key)
             return found
+        failed = self._failed.get(key)
+        if failed is not None and failed[1] > time.monotonic():
+            raise failed[0]
         pending = self._loading.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(self._load, key))
+            loop = asyncio.get_running_loop()
+            pending = asyncio.ensure_future(loop.run_in_executor(self._load_pool, self._load, key))
             self._loading[key] = pending
             pending.add_done_callback(lambda f: self._loaded_done(key, f))
-        return await asyncio.shield(pending)
+        try:  # the load goes on for later callers when this one gives up
+            return await asyncio.wait_for(asyncio.shield(pending), timeout)
+        except asyncio.TimeoutError:
+            raise CallTimeout(
+                f"{name} v{version} did not load within {timeout:g} s; retry in a moment, or "
+                'send a larger "timeout_seconds"'
+            ) from None
 
     def _loaded_done(self, key: Key, fut: asyncio.Future[Runner]) -> None:
         self._loading.pop(key, None)
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            if isinstance(fut.exception(), LoadFailed):
+                self._failed[key] = (fut.exception(), time.monotonic() + FAILED_TTL)
             return
         self._loaded[key] = fut.result()
         while len(self._loaded) > self.size:
@@ -78,7 +103,8 @@ class VersionCache:
             raise
         except Exception as exc:  # noqa: BLE001 - unpickling or setup ran user code
             raise LoadFailed(
-                f"cannot load {name} v{version} ({branch}): {type(exc).__name__}: {exc}"
+                f"cannot load {name} v{version} ({branch}); deploy a fixed version or roll back "
+                f"(`framework rollback {name}`):\n{error_text(exc)}"
             ) from exc
         return Runner(loaded, threads=self.threads, inline_budget=self.inline_budget)
 
@@ -86,6 +112,7 @@ class VersionCache:
         return [{"branch": b, "name": n, "version": v} for b, n, v in self._loaded]
 
     def close(self) -> None:
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
         for runner in self._loaded.values():
             runner.close()
         self._loaded.clear()

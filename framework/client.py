@@ -27,13 +27,27 @@ def _is_batch(data: Any) -> bool:
     return isinstance(data, list) and all(isinstance(row, list) for row in data)
 
 
+def _seconds(retry_after: str | None) -> float:
+    """Retry-After in seconds; an HTTP date (or garbage) counts as one second."""
+    try:
+        return max(float(retry_after or 1), 0.0)
+    except ValueError:
+        return 1.0
+
+
 def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
     content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     for attempt in range(RETRIES + 1):
-        resp = client.post(path, content=content, headers={"Content-Type": "application/json"})
+        try:
+            resp = client.post(path, content=content, headers={"Content-Type": "application/json"})
+        except httpx.TransportError as exc:
+            raise InferenceError(
+                f"cannot reach {client.base_url} ({type(exc).__name__}: {exc}); is `framework "
+                "serve` running there? pass url=... to call another server"
+            ) from exc
         if resp.status_code not in RETRY_STATUSES or attempt == RETRIES:
             break
-        time.sleep(min(float(resp.headers.get("Retry-After", "1") or 1), 5.0) * (attempt + 1))
+        time.sleep(min(_seconds(resp.headers.get("Retry-After")), 5.0) * (attempt + 1))
     try:
         doc = resp.json()
     except ValueError:
@@ -61,8 +75,14 @@ def get_inference(
     timeout_seconds: float | None = None,
     batch_size: int = 5000,
     concurrency: int = 4,
+    workspace: str | None = None,
+    region: str | None = None,
 ) -> dict[str, Any]:
-    """Call a deployment; returns `{"data": ...}` like the server (and modelbit)."""
+    """Call a deployment; returns `{"data": ...}` like the server (and modelbit).
+
+    `workspace` and `region` are accepted so that calls written for
+    `modelbit.get_inference` run unchanged; the server is the one at `url`.
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     path = f"/v1/{deployment}/{(branch or 'main').replace('/', '~')}/{version}"
@@ -73,8 +93,10 @@ def get_inference(
     with httpx.Client(base_url=url, headers=headers, timeout=http_timeout) as client:
         if not _is_batch(data):
             return _post(client, path, {"data": data, "batch": False, **extra})
-        ids = [row[0] if row else None for row in data]
-        if len(set(map(repr, ids))) != len(ids):
+        # By value, as the server compares them (1 and 1.0 are one id); unhashable ids are
+        # left for the server to refuse with the row's index.
+        ids = [row[0] for row in data if row and isinstance(row[0], (str, int, float))]
+        if len(set(ids)) != len(ids):
             raise InferenceError("ids in a batch must be unique; make every row's first element distinct")
         chunks = [data[i:i + batch_size] for i in range(0, len(data), batch_size)] or [[]]
         with ThreadPoolExecutor(max(1, min(concurrency, len(chunks)))) as pool:
@@ -88,6 +110,7 @@ def get_inference(
         first_id, first_error = errors[0]
         raise InferenceError(
             f"{len(errors)} of {len(data)} rows failed; first failed id {first_id!r}:\n{first_error}",
+            status=200,
             data=rows,
             errors=errors,
         )

@@ -39,6 +39,12 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "log_payloads": False,
 }
 
+# The smallest value each numeric server setting may take.
+SERVER_MINIMUMS: dict[str, float] = {
+    "port": 1, "workers": 1, "max_body_bytes": 1, "max_concurrency": 1,
+    "timeout_seconds": 0.001, "cache_size": 1, "threads_per_version": 1, "inline_budget_ms": 0,
+}
+
 TOP_KEYS = {"store", "branch", "modules", "aliases", "server"}
 
 
@@ -77,6 +83,9 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
         )
         if not ok:
             raise _fail(path, f"server.{key}", f"must be a {want.__name__}, got {value!r}", "fix it")
+        if key in SERVER_MINIMUMS and value < SERVER_MINIMUMS[key]:
+            raise _fail(path, f"server.{key}", f"must be at least {SERVER_MINIMUMS[key]:g}, "
+                        f"got {value!r}", "raise it")
         out[key] = value
     return out
 

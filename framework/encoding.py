@@ -42,10 +42,12 @@ def unencodable(value: Any) -> str | None:
     """None if `value` encodes, else the row error a caller sees."""
     try:
         dumps(value)
-    except (TypeError, orjson.JSONEncodeError):
+    except (TypeError, orjson.JSONEncodeError) as exc:
         kind = type(value)
+        why = f" ({exc})" if str(exc) else ""
         return (
             f"TypeError: result of type {kind.__module__}.{kind.__qualname__} is not "
-            "JSON-encodable; return numbers, strings, lists, dicts, numpy or pandas values"
+            f"JSON-encodable{why}; return numbers (integers within 64 bits), strings, lists, "
+            "dicts, numpy or pandas values"
         )
     return None

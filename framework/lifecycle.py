@@ -10,13 +10,12 @@ signing key set, the source's signature is verified and the copy re-signed.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from framework import config as cfgmod
 from framework import manifest as mf
-from framework import signing
-from framework.errors import ConfigError, IntegrityError, NotFound, StoreError
+from framework import packaging, signing
+from framework.errors import ConfigError, NotFound, StoreError
 from framework.publish import Result, unchanged_version
 from framework.store import Store, check_alias, check_branch
 
@@ -113,11 +112,8 @@ def _republish(store: Store, name: str, src_branch: str, version: int, dst_branc
     manifest = store.read_manifest(src_branch, name, version)
     artifact = store.read_artifact(src_branch, name, version)
     # Refuse to spread a changed artifact: the copy would get a fresh, trusted-looking version.
-    if hashlib.sha256(artifact).hexdigest() != manifest["sha256"]:
-        raise IntegrityError(
-            f"{name} v{version} on branch {src_branch!r} does not match its manifest's sha256: "
-            "the store was changed after deploy; redeploy it instead"
-        )
+    key = signing.current_key()
+    packaging.check_integrity(artifact, manifest, key)
     same = unchanged_version(store, dst_branch, name, manifest["content_sha256"])
     if same is not None:
         return Result(name, dst_branch, same, "unchanged", len(artifact), manifest["sha256"])
@@ -125,10 +121,7 @@ def _republish(store: Store, name: str, src_branch: str, version: int, dst_branc
     copy: dict[str, Any] = {k: v for k, v in manifest.items() if k not in (*ORIGINS, "signed")}
     copy.update(branch=dst_branch, created_at=mf.now(),
                 **{origin: {"branch": src_branch, "version": version, "sha256": manifest["sha256"]}})
-    key = signing.current_key()
-    if key is not None:
-        # Re-sign only what this key signed before: never launder an unsigned artifact.
-        signing.verify(artifact, manifest, key)
+    if key is not None:  # verified above: only what this key signed is signed again
         copy["signed"] = signing.sign(artifact, copy, key)
     new = store.publish(dst_branch, name, artifact, copy)
     return Result(name, dst_branch, new, status, len(artifact), manifest["sha256"])

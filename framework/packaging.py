@@ -60,17 +60,25 @@ def _site_dirs() -> list[str]:
     return [os.path.realpath(d) for d in dirs if d]
 
 
+def project_files(roots: list[Path]) -> Callable[[str], bool]:
+    """A test for "this file is the project's own": under `roots`, not an installed package."""
+    prefixes = tuple(os.path.realpath(r) + os.sep for r in roots)
+    site_prefixes = tuple(d + os.sep for d in _site_dirs())
+
+    def own(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real.startswith(prefixes) and not real.startswith(site_prefixes)
+
+    return own
+
+
 def project_packages(roots: list[Path]) -> list[str]:
     """Top-level modules imported from under `roots` that are not installed packages."""
-    prefixes = tuple(os.path.realpath(r) + os.sep for r in roots)
-    site_dirs = _site_dirs()
+    own = project_files(roots)
     found = set()
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)
-        if not path or name == "__main__":
-            continue
-        real = os.path.realpath(path)
-        if not real.startswith(prefixes) or any(real.startswith(d + os.sep) for d in site_dirs):
+        if not path or name == "__main__" or not own(path):
             continue
         top = name.partition(".")[0]
         # The framework is installed wherever the runtime runs; never ship it.
@@ -272,18 +280,26 @@ class Loaded:
     manifest: dict[str, Any]
 
 
-def check(artifact: bytes, manifest: dict[str, Any]) -> None:
-    """Refuse an artifact that does not match its manifest (or signature) or this Python."""
-    where = f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
-    key = signing.current_key()
+def _where(manifest: dict[str, Any]) -> str:
+    return f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
+
+
+def check_integrity(artifact: bytes, manifest: dict[str, Any], key: bytes | None) -> None:
+    """Refuse an artifact that does not match its manifest, or its signature when `key` is set."""
     if key is not None:
         signing.verify(artifact, manifest, key)
     digest = hashlib.sha256(artifact).hexdigest()
     if digest != manifest.get("sha256"):
         raise IntegrityError(
-            f"artifact of {where} does not match its manifest (sha256 {digest[:12]} != "
+            f"artifact of {_where(manifest)} does not match its manifest (sha256 {digest[:12]} != "
             f"{str(manifest.get('sha256'))[:12]}): the store was changed after deploy; redeploy it"
         )
+
+
+def check(artifact: bytes, manifest: dict[str, Any]) -> None:
+    """Refuse an artifact that does not match its manifest (or signature) or this Python."""
+    check_integrity(artifact, manifest, signing.current_key())
+    where = _where(manifest)
     built = str(manifest.get("python", ""))
     here = ".".join(map(str, sys.version_info[:3]))
     if built.split(".")[:2] != here.split(".")[:2]:

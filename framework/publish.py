@@ -7,6 +7,7 @@ cannot be packaged stops the whole deploy with nothing written.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import sys
 import traceback
 from dataclasses import asdict, dataclass
@@ -14,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from framework import config as cfgmod
-from framework import registry, signing
-from framework.errors import ConfigError
-from framework.packaging import Package, pack
+from framework import packaging, registry, signing
+from framework.errors import ConfigError, IntegrityError
+from framework.packaging import Package, pack, project_files
 from framework.store import Store, check_branch, open_store
 
 
@@ -33,6 +34,34 @@ class Result:
         return asdict(self)
 
 
+class _SourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles a project module from its source, never from a cached .pyc.
+
+    Python trusts a .pyc whose source has the same mtime (in whole seconds) and
+    size, so a module edited within a second of its last import (a CI step
+    that rewrites a file, a quick fix) would otherwise deploy the old code.
+    """
+
+    def get_code(self, fullname: str) -> Any:
+        path = self.get_filename(fullname)
+        return self.source_to_code(self.get_data(path), path)
+
+
+class _ProjectFinder:
+    """Finds modules as usual, giving the project's own a `_SourceLoader`."""
+
+    def __init__(self, root: Path) -> None:
+        self.own = project_files([root])
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        origin = getattr(spec, "origin", None) or ""
+        if not origin.endswith(".py") or not self.own(origin):
+            return None
+        spec.loader = _SourceLoader(name, origin)
+        return spec
+
+
 def import_modules(cfg: cfgmod.Config) -> None:
     """Import `modules:` from deploy.yaml, with the config's directory importable."""
     if not cfg.modules:
@@ -43,15 +72,20 @@ def import_modules(cfg: cfgmod.Config) -> None:
     root = str(cfg.root)
     if root not in sys.path:
         sys.path.insert(0, root)
-    for module in cfg.modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
-            last = traceback.format_exception_only(exc)[-1].strip()
-            raise ConfigError(
-                f"{cfg.path or cfgmod.CONFIG_NAME}: modules: cannot import {module!r}: {last}; "
-                "fix the module or remove it from the list"
-            ) from exc
+    finder = _ProjectFinder(cfg.root)
+    sys.meta_path.insert(0, finder)
+    try:
+        for module in cfg.modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
+                last = traceback.format_exception_only(exc)[-1].strip()
+                raise ConfigError(
+                    f"{cfg.path or cfgmod.CONFIG_NAME}: modules: cannot import {module!r}: {last}; "
+                    "fix the module or remove it from the list"
+                ) from exc
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def roots_of(cfg: cfgmod.Config) -> list[Path]:
@@ -69,10 +103,17 @@ def unchanged_version(store: Store, branch: str, name: str, content_sha256: str)
     if latest is None:
         return None
     m = store.read_manifest(branch, name, latest)
+    key = signing.current_key()
     # An unsigned (or other-key) latest is republished once a signing key is set,
     # or the server that requires signatures could never load it.
-    same = m.get("content_sha256") == content_sha256 and signing.signed_with(m, signing.current_key())
-    return latest if same else None
+    if m.get("content_sha256") != content_sha256 or not signing.signed_with(m, key):
+        return None
+    # A latest changed on disk since its deploy can never load: the fix is a fresh copy.
+    try:
+        packaging.check_integrity(store.read_artifact(branch, name, latest), m, key)
+    except IntegrityError:
+        return None
+    return latest
 
 
 def publish_all(
@@ -121,16 +162,20 @@ def deploy(
     branch: str | None = None,
     store: str | None = None,
     config: str | None = None,
-    python_packages: list[str] | None = None,
-    setup: Callable[[], Any] | None = None,
+    **options: Any,
 ) -> int:
     """Publish one function (a script, a notebook cell, a lambda) and return its version.
 
-    `store` and `branch` default to deploy.yaml / $FRAMEWORK_STORE / $FRAMEWORK_BRANCH.
+    `options` are those of `@deployment` (python_packages, setup, vectorized,
+    max_batch_rows, max_wait_ms); for a decorated function they override what
+    the decorator declared. `store` and `branch` default to deploy.yaml /
+    $FRAMEWORK_STORE / $FRAMEWORK_BRANCH.
     """
     cfg = cfgmod.load(config)
-    dep = fn if isinstance(fn, registry.Deployment) and not (name or python_packages or setup) \
-        else registry.make(fn, name=name, python_packages=python_packages, setup=setup)
+    if isinstance(fn, registry.Deployment):
+        options = {**fn.options.as_kwargs(), **options}
+        name = name or fn.name
+    dep = registry.make(fn, name=name, **options)
     target = open_store(store) if store else cfg.open_store()
     [result] = publish_all(target, [dep], branch=branch or cfg.branch, roots=roots_of(cfg))
     return result.version  # type: ignore[return-value]

@@ -35,6 +35,10 @@ class Options:
     setup: Callable[[], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `make` that declare these options again."""
+        return {"python_packages": self.python_packages, "setup": self.setup, **self.extra}
+
     def describe(self) -> dict[str, Any]:
         """The JSON-able form recorded in the manifest."""
         return {

@@ -35,7 +35,7 @@ from urllib.parse import quote, unquote
 
 from framework import manifest as mf
 from framework.errors import NotFound, StoreError
-from framework.registry import check_name
+from framework.registry import NAME_RE
 
 BRANCH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -43,10 +43,13 @@ STALE_STAGING_S = 3600
 
 
 def check_branch(branch: object) -> str:
-    if not isinstance(branch, str) or not BRANCH_RE.match(branch) or ".." in branch:
+    # A "." or ".." segment would name a directory other than the branch's own.
+    if not isinstance(branch, str) or not BRANCH_RE.match(branch) or any(
+        part in (".", "..") for part in branch.split("/")
+    ):
         raise NotFound(
-            f"invalid branch name {branch!r}: use letters, digits, '.', '_', '-' and '/' "
-            "(write '/' as '~' in URLs)"
+            f"invalid branch name {branch!r}: use letters, digits, '.', '_', '-' and '/', with no "
+            "'.' or '..' segment (write '/' as '~' in URLs)"
         )
     return branch
 
@@ -111,18 +114,15 @@ class Store(abc.ABC):
     def resolve(self, branch: str, name: str, ref: str) -> int:
         """Turn `latest`, a number or an alias into a version number."""
         where = f"deployment {name!r} on branch {branch!r}"
+        versions = self.versions(branch, name)
+        if not versions:
+            raise NotFound(f"{where} has no versions: deploy it first, or see `framework list` (GET /v1/)")
         if ref == "latest":
-            version = self.latest(branch, name)
-            if version is None:
-                raise NotFound(f"{where} has no versions: deploy it first")
-            return version
+            return versions[-1]
         if ref.isascii() and ref.isdigit():  # str.isdigit() also accepts "²", which int() refuses
-            version = int(ref)
-            if version not in self.versions(branch, name):
-                raise NotFound(
-                    f"{where} has no version {version}: see `framework versions {name}`"
-                )
-            return version
+            if int(ref) not in versions:
+                raise NotFound(f"{where} has no version {int(ref)}: see `framework versions {name}`")
+            return int(ref)
         aliases = self.aliases(branch, name)
         if ref not in aliases:
             known = ", ".join(sorted(aliases)) or "none"
@@ -143,7 +143,12 @@ class LocalStore(Store):
         return f"LocalStore({str(self.root)!r})"
 
     def _dir(self, branch: str, name: str) -> Path:
-        return self.root / "branches" / quote(check_branch(branch), safe="") / check_name(name)
+        if not NAME_RE.match(name):  # asked for by a URL or a command: no such deployment
+            raise NotFound(
+                f"no deployment {name!r}: names use letters, digits, '_' or '-', starting with a "
+                "letter or '_'; see GET /v1/ or `framework list`"
+            )
+        return self.root / "branches" / quote(check_branch(branch), safe="") / name
 
     def check_writable(self) -> None:
         try:
@@ -162,7 +167,11 @@ class LocalStore(Store):
     def _clean_staging(self) -> None:
         cutoff = time.time() - STALE_STAGING_S
         for entry in os.scandir(self.root / ".staging"):
-            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+            try:
+                stale = entry.stat(follow_symlinks=False).st_mtime < cutoff
+            except FileNotFoundError:  # a concurrent deploy just published or cleaned it
+                continue
+            if stale:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
@@ -221,7 +230,7 @@ class LocalStore(Store):
     def names(self, branch: str) -> list[str]:
         base = self.root / "branches" / quote(check_branch(branch), safe="")
         try:
-            return sorted(e.name for e in os.scandir(base) if e.is_dir())
+            return sorted(e.name for e in os.scandir(base) if e.is_dir() and NAME_RE.match(e.name))
         except FileNotFoundError:
             return []
 

@@ -36,6 +36,7 @@ def test_failed_rows_raise_with_the_servers_message_and_keep_the_rest(examples_s
     with pytest.raises(InferenceError) as caught:
         framework.get_inference("example_doubler", rows, url=examples_server.url, batch_size=5)
     err = caught.value
+    assert err.status == 200
     assert [e[0] for e in err.errors] == [20, 21]
     assert str(err).splitlines()[-1].startswith("TypeError: unsupported operand")
     assert err.data == [[i, 2 * i] for i in range(20)]
@@ -45,8 +46,9 @@ def test_server_errors_raise_with_their_message(examples_server):
     with pytest.raises(InferenceError, match="no version 42") as caught:
         framework.get_inference("example_doubler", [[1, 1]], url=examples_server.url, version=42)
     assert caught.value.status == 404
-    with pytest.raises(InferenceError, match="unique"):
-        framework.get_inference("example_doubler", [[1, 1], [1, 2]], url=examples_server.url)
+    for rows in ([[1, 1], [1, 2]], [[1, 1], [2, 2], [1.0, 3]]):  # 1 and 1.0 are one id
+        with pytest.raises(InferenceError, match="unique"):
+            framework.get_inference("example_doubler", rows, url=examples_server.url, batch_size=2)
 
 
 def test_chunks_are_sent_concurrently():
@@ -82,3 +84,11 @@ def test_chunks_are_sent_concurrently():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_modelbit_style_arguments_and_an_unreachable_server(examples_server):
+    answer = framework.get_inference(deployment="example_doubler", workspace="your_workspace",
+                                     region="us-east-1", data=[[1, 10]], url=examples_server.url)
+    assert answer == {"data": [[1, 20]]}
+    with pytest.raises(InferenceError, match="cannot reach http://127.0.0.1:9 .*framework serve"):
+        framework.get_inference("example_doubler", [[1, 1]], url="http://127.0.0.1:9")

@@ -364,3 +364,77 @@ def test_python_dash_m_and_console_script_agree(tmp_path):
     out = subprocess.run([Path(sys.executable).parent / "framework", "list"], cwd=REPO,
                          env=cli_env(tmp_path / "empty"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "no deployments" in out.stdout
+
+
+def test_deploying_a_decorated_function_keeps_its_options(tmp_path):
+    store = tmp_path / "store"
+    out = run_python("""
+        import framework
+        from framework.store import LocalStore
+
+        @framework.deployment(vectorized=True, max_batch_rows=8, python_packages=["numpy"])
+        def vscore(x):
+            return [2 * v for v in x]
+
+        print(framework.deploy(vscore, name="renamed"), vscore.deploy())
+        s = LocalStore(framework.config.load().store)
+        for name in ("renamed", "vscore"):
+            o = s.read_manifest("main", name, 1)["options"]
+            print(o["vectorized"], o["max_batch_rows"], o["python_packages"])
+    """, cwd=tmp_path, store=store)
+    assert out.split("\n")[:3] == ["1 1", "True 8 ['numpy']", "True 8 ['numpy']"]
+
+
+def test_branch_segments_cannot_escape_the_branch_directory(tmp_path):
+    store = tmp_path / "store"
+    for branch in (".", "a/../b", "./x"):
+        proc = run_cli("deploy", "--branch", branch, store=store, check=False)
+        assert proc.returncode == 2 and "invalid branch name" in proc.stderr, proc.stderr
+    run_cli("deploy", store=store)
+    (store / "branches" / "main" / "1").mkdir()  # a stray directory is not a deployment
+    assert "example_doubler" in run_cli("list", store=store).stdout
+
+
+@pytest.mark.parametrize("setting", ["cache_size: 0", "max_concurrency: 0", "timeout_seconds: 0",
+                                     "threads_per_version: -1", "port: 0"])
+def test_server_settings_below_their_minimum_are_refused(tmp_path, setting):
+    (tmp_path / "deploy.yaml").write_text(f"server: {{{setting}}}\n")
+    proc = run_cli("serve", store=tmp_path / "s", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and f"server.{setting.split(':')[0]}: must be at least" in proc.stderr
+
+
+def test_an_edit_within_the_same_second_is_deployed(tmp_path):
+    """Python trusts a .pyc whose source has the same mtime second and size: deploy must not."""
+    store = tmp_path / "store"
+    project = make_project(tmp_path / "p", {}, ["m"])
+    for k in range(4):
+        (project / "m.py").write_text(f"from framework import deployment\n@deployment\ndef f(x):\n    return x + {k}\n")
+        assert " new " in run_cli("deploy", store=store, cwd=project).stdout
+    assert [call_in_fresh_process(store, "f", [0], ref=str(v), cwd=tmp_path) for v in (1, 2, 3, 4)] == [0, 1, 2, 3]
+
+
+def test_a_latest_changed_on_disk_is_replaced_by_the_next_deploy(tmp_path):
+    store = tmp_path / "store"
+    run_cli("deploy", store=store)
+    artifact = store / "branches" / "main" / "example_doubler" / "1" / "artifact.pkl"
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    out = run_cli("deploy", store=store).stdout
+    assert [l.split()[3] for l in out.splitlines()[1:] if l.startswith("example_doubler ")] == ["new"]
+    assert call_in_fresh_process(store, "example_doubler", [4], cwd=tmp_path) == 8
+
+
+def test_unknown_deployment_is_named_as_such(tmp_path):
+    proc = run_cli("show", "nosuch", "1", store=tmp_path / "store", check=False)
+    assert proc.returncode == 5 and "'nosuch' on branch 'main' has no versions" in proc.stderr
+
+
+def test_serve_on_a_busy_port_says_so(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", "--port", str(port), store=tmp_path / "store", check=False, timeout=30)
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr

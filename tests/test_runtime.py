@@ -361,3 +361,35 @@ def test_tampered_artifact_is_refused_with_409(tmp_path):
 def test_responses_are_compact_json(examples_server):
     resp = examples_server.post("/v1/example_doubler/latest", {"data": [[1, 1]]})
     assert resp.content == orjson.dumps({"data": [[1, 2]]})
+
+
+def test_loading_counts_against_the_time_limit(sample):
+    started = time.monotonic()
+    resp = sample.post("/v1/slow_to_load/latest", {"data": 1, "timeout_seconds": 0.5})
+    assert_error(resp, 504, "did not load within 0.5 s")
+    assert time.monotonic() - started < 2.5
+    deadline = time.monotonic() + 10  # the load went on: a later call is answered
+    while (resp := sample.post("/v1/slow_to_load/latest", {"data": 2, "timeout_seconds": 5})).status_code != 200:
+        assert time.monotonic() < deadline, resp.text
+    assert resp.json() == {"data": 2}
+
+
+def test_a_version_that_fails_to_load_says_what_to_do(sample):
+    message = assert_error(sample.post("/v1/fails_to_load/latest", {"data": 1}), 422, "roll back")
+    assert message.splitlines()[-1] == "RuntimeError: weights file missing"
+
+
+@pytest.mark.parametrize("path", ["/v1/bad!name/latest", "/v1/%C3%A9t%C3%A9/latest"])
+def test_an_invalid_name_in_the_url_is_404(sample, path):
+    assert_error(sample.post(path, {"data": 1}), 404, "no deployment")
+    assert_error(httpx.get(sample.url + path.rsplit("/", 1)[0]), 404, "no deployment")
+
+
+def test_405_says_which_methods_are_allowed(sample):
+    resp = httpx.get(sample.url + "/v1/echo/main/latest")
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+
+
+def test_version_numbers_are_read_as_numbers(sample):
+    assert sample.post("/v1/echo/01", {"data": 1}).json() == {"data": 1}
+    assert sample.post("/v1/echo/main/001", {"data": 2}).json() == {"data": 2}

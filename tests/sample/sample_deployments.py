@@ -70,3 +70,21 @@ def encodings(kind: str):
         "dataclass": Point(1.0, 2.0),
         "opaque": Opaque(),
     }[kind]
+
+
+def _slow_setup():
+    time.sleep(3)
+
+
+@deployment(setup=_slow_setup)
+def slow_to_load(x):
+    return x
+
+
+def _broken_setup():
+    raise RuntimeError("weights file missing")
+
+
+@deployment(setup=_broken_setup)
+def fails_to_load(x):
+    return x
