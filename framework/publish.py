@@ -178,4 +178,7 @@ def deploy(
     dep = registry.make(fn, name=name, **options)
     target = open_store(store) if store else cfg.open_store()
     [result] = publish_all(target, [dep], branch=branch or cfg.branch, roots=roots_of(cfg))
+    # A notebook user needs to know which store got it: the server must serve the same one.
+    print(f"{result.name} v{result.version} on branch {result.branch!r} ({result.status}) in {target}",
+          file=sys.stderr)
     return result.version  # type: ignore[return-value]
