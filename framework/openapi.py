@@ -88,18 +88,16 @@ def _operation(name: str, manifest: dict[str, Any], branch_param: bool) -> dict[
 def build(store: Store, visible: Any = lambda name: True) -> dict[str, Any]:
     """The OpenAPI 3.1 document for every deployment `visible(name)` allows."""
     paths: dict[str, Any] = {}
-    for branch in store.branches():
-        for name in store.names(branch):
-            latest = store.latest(branch, name)
-            if latest is None or not visible(name):
-                continue
-            manifest = store.read_manifest(branch, name, latest)
-            if branch == "main":
-                paths[f"/v1/{name}/{{ref}}"] = _operation(name, manifest, False)
-                paths[f"/v1/{name}/{{branch}}/{{ref}}"] = _operation(name, manifest, True)
-            else:
-                paths[f"/v1/{name}/{branch.replace('/', '~')}/{{ref}}"] = _operation(
-                    name, manifest, False)
+    for branch, name, latest in store.deployments():
+        if not visible(name):
+            continue
+        manifest = store.read_manifest(branch, name, latest)
+        if branch == "main":
+            paths[f"/v1/{name}/{{ref}}"] = _operation(name, manifest, False)
+            paths[f"/v1/{name}/{{branch}}/{{ref}}"] = _operation(name, manifest, True)
+        else:
+            paths[f"/v1/{name}/{branch.replace('/', '~')}/{{ref}}"] = _operation(
+                name, manifest, False)
     ops = {"/v1/": "deployments and their latest version", "/v1/{name}": "a deployment's versions",
            "/healthz": "health (open)", "/livez": "liveness (open)",
            "/readyz": "readiness: the store can be read (open)",

@@ -107,6 +107,16 @@ class Store(abc.ABC):
         A backend that cannot tell cheaply leaves it to `publish`.
         """
 
+    def deployments(self) -> list[tuple[str, str, int]]:
+        """(branch, name, latest version) of every deployment with a version."""
+        found = []
+        for branch in self.branches():
+            for name in self.names(branch):
+                latest = self.latest(branch, name)
+                if latest is not None:
+                    found.append((branch, name, latest))
+        return found
+
     def latest(self, branch: str, name: str) -> int | None:
         found = self.versions(branch, name)
         return found[-1] if found else None
