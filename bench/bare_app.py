@@ -35,6 +35,11 @@ app = Starlette(routes=[Route("/v1/{name}/{ref}", infer, methods=["POST"])])
 if __name__ == "__main__":
     import uvicorn
 
+    from framework.server import HTTPProtocol
+
     port, workers = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
     target = "bare_app:app" if workers > 1 else app
-    uvicorn.run(target, host="127.0.0.1", port=port, workers=workers, log_level="warning")
+    # uvicorn's protocol with TCP_NODELAY, as `framework serve` runs: with plain
+    # `--workers` any app answers about 40 ms late (see framework/server.py).
+    uvicorn.run(target, host="127.0.0.1", port=port, workers=workers, log_level="warning",
+                http=HTTPProtocol)

@@ -29,9 +29,10 @@ def generator() -> str:
     return "wrk" if shutil.which("wrk") and not os.environ.get("BENCH_NO_WRK") else "python"
 
 
-def run(url: str, body: bytes, *, connections: int, seconds: float) -> Load:
+def run(url: str, body: bytes, *, connections: int, seconds: float, threads: int = 2) -> Load:
+    """`threads`: wrk's threads (at most `connections`); the Python generator uses one."""
     if generator() == "wrk":
-        return _wrk(url, body, connections, seconds)
+        return _wrk(url, body, connections, seconds, min(threads, connections))
     return asyncio.run(_python(url, body, connections, seconds))
 
 
@@ -49,14 +50,13 @@ def _ms(text: str) -> float:
     return float(number) * UNITS[unit]
 
 
-def _wrk(url: str, body: bytes, connections: int, seconds: float) -> Load:
+def _wrk(url: str, body: bytes, connections: int, seconds: float, threads: int) -> Load:
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "body.json"), "wb") as f:
             f.write(body)
         script = os.path.join(tmp, "post.lua")
         with open(script, "w") as f:
             f.write(LUA.format(path=os.path.join(tmp, "body.json")))
-        threads = min(2, connections)
         out = subprocess.run(
             ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
              "--timeout", "10s", "--latency", "-s", script, url],

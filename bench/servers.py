@@ -96,10 +96,13 @@ def bare(port: int, probe: str, body: bytes, workers: int = 1) -> Server:
                   env=env, cwd=BENCH, probe=probe, body=body, port=port)
 
 
-def ours(port: int, store: Path, probe: str, body: bytes, workers: int = 1) -> Server:
+def ours(port: int, store: Path, probe: str, body: bytes, workers: int = 1,
+         config: Path | None = None) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEWORK_")}
     env["FRAMEWORK_STORE"] = str(store)
+    if config is not None:
+        env["FRAMEWORK_CONFIG"] = str(config)
     argv = [sys.executable, "-m", "framework", "serve", "--port", str(port),
             "--workers", str(workers), "--log-level", "warning"]
-    # An empty working directory: no deploy.yaml, so only the store setting applies.
+    # An empty working directory: no deploy.yaml, so only the store setting (and `config`) applies.
     return Server("ours", argv, env=env, cwd=store.parent, probe=probe, body=body, port=port)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import traceback
@@ -13,16 +14,17 @@ from typing import Any, AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from framework import config as cfgmod
-from framework import auth, encoding, observe, openapi, protocol
+from framework import auth, encoding, observe, openapi, protocol, signing
 from framework.cache import VersionCache
 from framework.errors import (
     BadRequest,
     CallTimeout,
+    ConfigError,
     DeploymentFailed,
     FrameworkError,
     Forbidden,
@@ -33,12 +35,14 @@ from framework.errors import (
     Overloaded,
     PayloadTooLarge,
     RowsFailed,
+    StoreError,
     Unauthorized,
 )
 
 log = logging.getLogger("framework.runtime")
 
 # Nothing a retry cannot fix is a 5xx: the modelbit client retries those.
+# An error not listed here reaching a caller is a bug: it is answered as a crash (500).
 STATUS: dict[type[FrameworkError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
@@ -50,7 +54,9 @@ STATUS: dict[type[FrameworkError], int] = {
     DeploymentFailed: 422,
     RowsFailed: 422,
     LoadFailed: 422,
+    ConfigError: 500,
     Overloaded: 503,
+    StoreError: 503,  # the store could not be read: a retry may well succeed
     CallTimeout: 504,
 }
 
@@ -63,7 +69,10 @@ class JSONResponse(Response):
 
 
 def error_response(exc: FrameworkError) -> Response:
-    status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+    status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), None)
+    if status is None:
+        log.error("unmapped %s reached a caller", type(exc).__name__, exc_info=exc)
+        status = 500
     body: dict[str, Any] = {"error": str(exc).rstrip("\n")}
     if isinstance(exc, RowsFailed):
         body["errors"] = exc.errors
@@ -72,20 +81,30 @@ def error_response(exc: FrameworkError) -> Response:
     return JSONResponse(body, status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
         f"request body is over the {limit}-byte limit; split the batch into smaller requests"
     )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    # From the ASGI messages directly: Starlette's `Request.stream()` is an async
+    # generator, a measurable part of a small request's cost.
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:  # one message per turn, until the last one or a disconnect
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunk if len(chunks) == 1 else b"".join(chunks)
 
 
 class Runtime:
@@ -113,45 +132,51 @@ class Runtime:
             call = protocol.parse(body)
             version = await self.versions.resolve(branch, p["name"], p["ref"])
             request.scope[observe.SCOPE_CALL] = (branch, p["name"], version, call)
-            runner = await self.versions.runner(branch, p["name"], version)
             timeout = min(call.timeout or self.timeout, self.timeout)
+            # Loading a version (unpickling, setup) is bounded by the same limit as the call.
+            runner = await self.versions.runner(branch, p["name"], version, timeout)
             status, payload = await runner.run(call, timeout)
         finally:
             self.inflight -= 1
         return JSONResponse(payload, status)
 
     async def list_deployments(self, request: Request) -> Response:
-        out = []
-        for branch in self.store.branches():
-            for name in self.store.names(branch):
-                latest = self.store.latest(branch, name)
-                if latest is not None and auth.visible(request.scope, name):
-                    out.append({"name": name, "branch": branch, "latest": latest})
-        return JSONResponse({"deployments": out})
+        found = await asyncio.to_thread(self.store.deployments)  # disk reads, off the event loop
+        return JSONResponse({"deployments": [
+            {"name": name, "branch": branch, "latest": latest}
+            for branch, name, latest in found if auth.visible(request.scope, name)
+        ]})
 
     async def describe(self, request: Request) -> Response:
         name = request.path_params["name"]
         branch = request.path_params.get("branch", "main").replace("~", "/")
+        return JSONResponse(await asyncio.to_thread(self._describe, branch, name))
+
+    def _describe(self, branch: str, name: str) -> dict[str, Any]:
         numbers = self.store.versions(branch, name)
         if not numbers:
-            raise NotFound(f"no deployment {name!r} on branch {branch!r}; see GET /v1/")
+            raise NotFound(
+                f"no deployment {name!r} on branch {branch!r}; see GET /v1/ (to run a deployment, "
+                "POST to /v1/<name>/<ref>)"
+            )
         versions = []
         for v in numbers:
             m = self.store.read_manifest(branch, name, v)
             versions.append({k: m.get(k) for k in ("version", "created_at", "sha256", "size", "git")})
-        return JSONResponse({
+        return {
             "name": name,
             "branch": branch,
             "latest": numbers[-1],
             "aliases": self.store.aliases(branch, name),
             "versions": versions,
-        })
+        }
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "loaded": len(self.versions.loaded())})
 
 
 def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
+    signing.current_key()  # a bad $FRAMEWORK_SIGNING_KEY stops the start, not every call
     rt = Runtime(cfg or cfgmod.load())
     s = rt.cfg.server
     debug = bool(s["debug"])
@@ -160,8 +185,6 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     ring = auth.KeyRing(rt.store, required=s["require_api_keys"])
     middleware = [Middleware(auth.AuthMiddleware, ring=ring, on_error=error_response)]
     if metrics is not None or s["access_log"]:
-        if s["access_log"]:
-            observe.configure_access_log()
         middleware.insert(0, Middleware(observe.ObserveMiddleware, metrics=metrics,
                                         log_requests=s["access_log"], log_payloads=s["log_payloads"]))
 
@@ -173,9 +196,11 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         request.scope[observe.SCOPE_ERROR] = exc
-        hint = {404: f"no route {request.url.path}; POST /v1/<name>/<ref> to run a deployment",
+        hint = {404: f"no route {request.url.path}; POST /v1/<name>/<ref> or /v1/<name>/<branch>/<ref> "
+                     "to run a deployment (write '/' in a branch as '~')",
                 405: f"{request.method} is not allowed on {request.url.path}"}
-        return JSONResponse({"error": hint.get(exc.status_code, exc.detail)}, exc.status_code)
+        return JSONResponse({"error": hint.get(exc.status_code, exc.detail)}, exc.status_code,
+                            headers=exc.headers)  # 405 carries Allow
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
@@ -187,14 +212,16 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         yield
         rt.versions.close()
 
+    # Inference first: routes are tried in order, and a GET on the same path still finds
+    # its own route further down.
     routes = [
+        Route("/v1/{name}/{ref}", rt.infer, methods=["POST"]),
+        Route("/v1/{name}/{branch}/{ref}", rt.infer, methods=["POST"]),
         Route("/healthz", rt.healthz, methods=["GET"]),
         Route("/v1", rt.list_deployments, methods=["GET"]),
         Route("/v1/", rt.list_deployments, methods=["GET"]),
         Route("/v1/{name}", rt.describe, methods=["GET"]),
-        Route("/v1/{name}/{ref}", rt.infer, methods=["POST"]),
         Route("/v1/{name}/{branch}", rt.describe, methods=["GET"]),
-        Route("/v1/{name}/{branch}/{ref}", rt.infer, methods=["POST"]),
         Route("/openapi.json", openapi.endpoint(rt), methods=["GET"]),
         *observe.routes(rt, metrics),
     ]

@@ -14,7 +14,6 @@ stay open, so probes and scrapers need no key.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import hmac
@@ -29,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework.observe import SCOPE_ERROR, SCOPE_KEY
 from framework.errors import Forbidden, FrameworkError, NotFound, StoreError, Unauthorized
+from framework.inline import QuickReads
 from framework.registry import check_name
 from framework.store import Store
 
@@ -121,6 +121,7 @@ class KeyRing:
         self.store = store
         self.required = required
         self.ttl = ttl
+        self.reads = QuickReads("API keys")
         doc = store.read_keys()
         self.enabled = required or doc is not None
         self.keys = _active(doc)
@@ -133,7 +134,7 @@ class KeyRing:
         # Requests arriving meanwhile use the previous view rather than all reading the store.
         self._expires = now + self.ttl
         try:
-            doc = await asyncio.to_thread(self.store.read_keys)
+            doc = await self.reads(self.store.read_keys)
         except (StoreError, ValueError) as exc:
             log.error("cannot re-read API keys, keeping the previous ones: %s", exc)
             return

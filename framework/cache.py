@@ -19,6 +19,7 @@ from typing import Any
 
 from framework import packaging
 from framework.errors import CallTimeout, IncompatibleArtifact, IntegrityError, LoadFailed, NotFound
+from framework.inline import QuickReads
 from framework.protocol import error_text
 from framework.runner import Runner
 from framework.store import Store, check_branch
@@ -29,13 +30,14 @@ LOAD_THREADS = 4
 
 
 class VersionCache:
-    def __init__(self, store: Store, *, size: int, threads: int, inline_budget: float = 0.001,
+    def __init__(self, store: Store, *, size: int, threads: int, inline_budget: float = 0.0,
                  ttl: float = 0.5) -> None:
         self.store = store
         self.size = size
         self.threads = threads
         self.inline_budget = inline_budget
         self.ttl = ttl
+        self.reads = QuickReads("versions and aliases")
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._loaded: OrderedDict[Key, Runner] = OrderedDict()
         self._loading: dict[Key, asyncio.Future[Runner]] = {}
@@ -51,7 +53,7 @@ class VersionCache:
         if hit is not None and hit[1] > now:
             return hit[0]
         check_branch(branch)
-        version = await asyncio.to_thread(self.store.resolve, branch, name, ref)
+        version = await self.reads(self.store.resolve, branch, name, ref)
         # A number is immutable once it exists; names move, so they expire.
         self._refs[key] = (version, float("inf") if ref.isdigit() else now + self.ttl)
         return version

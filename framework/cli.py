@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from typing import Any, Callable
 
@@ -82,38 +83,52 @@ def cmd_deploy(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     return 0
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with the fix in the message, before loading anything, when the address is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; stop the other server or pass "
+                "--port N (or set server.port in deploy.yaml)"
+            ) from None
+
+
 def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     import uvicorn
+
+    from framework.server import HTTPProtocol
 
     s = cfg.server
     host, port = args.host or s["host"], args.port or s["port"]
     workers = args.workers or s["workers"]
+    _check_port(host, port)
     print(f"serving store {cfg.store} on http://{host}:{port} ({workers} worker(s))",
           file=sys.stderr)
     if workers == 1:
         from framework.app import create_app
 
         uvicorn.run(create_app(cfg), host=host, port=port, log_level=args.log_level,
-                    access_log=not s["access_log"])  # ours replaces uvicorn's access lines
+                    http=HTTPProtocol, access_log=not s["access_log"])  # ours replaces uvicorn's access lines
     else:
         # Each worker process builds its own app from the same settings.
         if cfg.path:
             os.environ["FRAMEWORK_CONFIG"] = str(cfg.path)
         os.environ["FRAMEWORK_STORE"] = cfg.store
         uvicorn.run("framework.app:app_from_env", factory=True, host=host, port=port,
-                    workers=workers, log_level=args.log_level, access_log=not s["access_log"])
+                    workers=workers, log_level=args.log_level, http=HTTPProtocol,
+                    access_log=not s["access_log"])
     return 0
 
 
 def cmd_list(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     store = cfg.open_store()
     rows = []
-    for branch in store.branches():
-        for name in store.names(branch):
-            latest = store.latest(branch, name)
-            if latest is not None:
-                aliases = ", ".join(f"{a}->{v}" for a, v in sorted(store.aliases(branch, name).items()))
-                rows.append([name, branch, latest, aliases or None])
+    for branch, name, latest in store.deployments():
+        aliases = ", ".join(f"{a}->{v}" for a, v in sorted(store.aliases(branch, name).items()))
+        rows.append([name, branch, latest, aliases or None])
     print(_table(rows, ["NAME", "BRANCH", "LATEST", "ALIASES"]) if rows else
           f"no deployments in {cfg.store}; run `framework deploy`")
     return 0

@@ -29,8 +29,10 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "timeout_seconds": 300.0,
     "cache_size": 64,
     "threads_per_version": 8,
-    # Sync calls measured under this much CPU time run on the event loop, not a thread.
-    "inline_budget_ms": 1.0,
+    # Sync calls measured under this much CPU time may run on the event loop, not a
+    # thread. Off by default: a call whose cost depends on its input can then stall
+    # the server and run past its time limit (see README "Performance").
+    "inline_budget_ms": 0.0,
     "debug": False,
     # Operations and security (README "Operations and security").
     "require_api_keys": False,

@@ -13,16 +13,23 @@ they are scraped and probed every few seconds.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
+import math
 import sys
 import time
+from bisect import bisect_left
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -59,47 +66,92 @@ class _LoadedVersions:
         yield family
 
 
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class _Histogram:
+    """Bucket counts (not cumulative; the last is +Inf) and a sum, for one label set."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bucket `le` holds values <= le
+        self.total += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        buckets = list(zip(map(floatToGoString, self.bounds + (math.inf,)), accumulate(self.counts)))
+        family.add_metric(labels, buckets, self.total)
+
+
+class _Series:
+    """What one resolved version (or the unresolved requests) has counted."""
+
+    __slots__ = ("statuses", "rows", "row_errors", "latency", "batch")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.rows = 0
+        self.row_errors = 0
+        self.latency = _Histogram(LATENCY_BUCKETS)
+        self.batch = _Histogram(BATCH_BUCKETS)
+
+
 class Metrics:
-    """The server's Prometheus metrics, in a registry of its own (not the global one)."""
+    """The server's Prometheus metrics, in a registry of its own (not the global one).
+
+    Counted in plain Python numbers and turned into metric families only when
+    scraped: prometheus-client's own Counter and Histogram take a lock and
+    look up a child per update, several times the cost of the rest of the
+    bookkeeping. Updates and scrapes both run on the event loop, so plain
+    numbers need no lock.
+    """
 
     def __init__(self, rt: Runtime) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("framework_requests", "Requests answered, by status",
-                                LABELS + ("status",), registry=r)
-        self.rows = Counter("framework_rows", "Rows run (1 per single call)", LABELS, registry=r)
-        self.row_errors = Counter("framework_row_errors", "Rows whose function raised or whose "
-                                  "result could not be encoded", LABELS, registry=r)
-        self.latency = Histogram("framework_request_duration_seconds", "Time to answer a request",
-                                 LABELS, registry=r, buckets=(
-                                     .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30,
-                                     60, 300))
-        self.batch = Histogram("framework_batch_rows", "Rows per batch request", LABELS, registry=r,
-                               buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
-        inflight = Gauge("framework_requests_in_flight", "Inference requests being answered",
-                         registry=r)
-        inflight.set_function(lambda: rt.inflight)
-        r.register(_LoadedVersions(rt.versions))
-        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self.rt = rt
+        self.series: dict[tuple[str, str, str], _Series] = {}
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        self.registry.register(_LoadedVersions(rt.versions))
 
     def record(self, labels: tuple[str, str, str], status: int, seconds: float, rows: int,
                errors: int, batch: bool) -> None:
-        # `.labels()` takes a lock and builds a key on every call; its results never change.
-        key = labels + (str(status),)
-        kids = self._children.get(key)
-        if kids is None:
-            kids = self._children[key] = (
-                self.requests.labels(*key), self.rows.labels(*labels),
-                self.row_errors.labels(*labels), self.latency.labels(*labels),
-                self.batch.labels(*labels))
-        requests, rows_c, errors_c, latency, batch_h = kids
-        requests.inc()
-        latency.observe(seconds)
-        if rows:
-            rows_c.inc(rows)
-        if errors:
-            errors_c.inc(errors)
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = _Series()
+        series.statuses[status] = series.statuses.get(status, 0) + 1
+        series.latency.observe(seconds)
+        series.rows += rows
+        series.row_errors += errors
         if batch:
-            batch_h.observe(rows)
+            series.batch.observe(rows)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("framework_requests", "Requests answered, by status",
+                                       labels=LABELS + ("status",))
+        rows = CounterMetricFamily("framework_rows", "Rows run (1 per single call)", labels=LABELS)
+        row_errors = CounterMetricFamily(
+            "framework_row_errors", "Rows whose function raised or whose result could not be encoded",
+            labels=LABELS)
+        latency = HistogramMetricFamily("framework_request_duration_seconds",
+                                        "Time to answer a request", labels=LABELS)
+        batch = HistogramMetricFamily("framework_batch_rows", "Rows per batch request", labels=LABELS)
+        for key, series in list(self.series.items()):
+            labels = list(key)
+            for status, count in series.statuses.items():
+                requests.add_metric(labels + [str(status)], count)
+            rows.add_metric(labels, series.rows)
+            row_errors.add_metric(labels, series.row_errors)
+            series.latency.add_to(latency, labels)
+            series.batch.add_to(batch, labels)
+        inflight = GaugeMetricFamily("framework_requests_in_flight", "Inference requests being answered")
+        inflight.add_metric([], self.rt.inflight)
+        yield from (requests, rows, row_errors, latency, batch, inflight)
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
@@ -116,14 +168,48 @@ def _row_errors(call: Any, error: BaseException | None, body: bytes) -> int:
     return 0
 
 
-def configure_access_log() -> None:
-    """JSON lines on stderr, unless the embedding application set up its own handlers."""
-    if not access_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access_log.addHandler(handler)
-        access_log.setLevel(logging.INFO)
-        access_log.propagate = False
+class AccessLog:
+    """JSON lines on stderr, or through the `framework.access` logger where the
+    embedding application gave it handlers.
+
+    The lines of the requests answered in one event-loop turn are written
+    together, at the end of the turn: a `logging` record and a write per
+    request cost more than the rest of a small request's bookkeeping. A line
+    is never held longer than that turn.
+    """
+
+    def __init__(self) -> None:
+        self.logger = access_log if access_log.handlers else None
+        self.pending: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def timestamp(self) -> str:
+        """Now, as ISO 8601 UTC with milliseconds; the part up to the second is reused."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}+00:00"
+
+    def write(self, line: dict[str, Any]) -> None:
+        text = orjson.dumps(line).decode()
+        if self.logger is not None:
+            self.logger.info(text)
+            return
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(text + "\n")
+
+    def flush(self) -> None:
+        text = "".join(self.pending)
+        self.pending.clear()
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed or a broken pipe: losing log lines beats failing requests
 
 
 class ObserveMiddleware:
@@ -133,7 +219,7 @@ class ObserveMiddleware:
                  log_payloads: bool) -> None:
         self.app = app
         self.metrics = metrics
-        self.log_requests = log_requests
+        self.log = AccessLog() if log_requests else None
         self.log_payloads = log_payloads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -185,10 +271,10 @@ class ObserveMiddleware:
             batch = call.batch
         if self.metrics is not None:
             self.metrics.record(labels, status, seconds, rows, errors, batch)
-        if self.log_requests:
+        if self.log is not None:
             key = scope.get(SCOPE_KEY)
             line: dict[str, Any] = {
-                "ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                "ts": self.log.timestamp(),
                 "method": scope["method"],
                 "path": scope["path"][:200],
                 "status": status,
@@ -204,7 +290,7 @@ class ObserveMiddleware:
             if self.log_payloads:
                 line["request_body"] = request_body[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
                 line["response_body"] = body[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
-            access_log.info(orjson.dumps(line).decode())
+            self.log.write(line)
 
 
 def routes(rt: Runtime, metrics: Metrics | None) -> list[Route]:

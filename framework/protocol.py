@@ -66,15 +66,16 @@ def parse(body: bytes) -> Call:
     if doc.get("response_format") not in (None, "json"):
         raise BadRequest(f'"response_format" {doc["response_format"]!r} is not supported; omit it for JSON')
     is_list = isinstance(data, list)
+    all_lists = is_list and set(map(type, data)) <= {list}
     if batch_opt is None:
-        batch = is_list and set(map(type, data)) <= {list}
+        batch = all_lists
     elif batch_opt and not is_list:
         raise BadRequest('"batch": true needs "data" to be a list of rows [id, args...]')
     else:
         batch = batch_opt
     if not batch:
         return Call(False, data, [], [], partial, timeout)
-    ids = _fast_ids(data)
+    ids = _fast_ids(data) if all_lists else None
     if ids is None:
         ids = _checked_ids(data)
     kinds = set(map(type, ids))
@@ -86,13 +87,11 @@ def parse(body: bytes) -> Call:
 _ID_TYPES = {int, float, str}
 
 
-def _fast_ids(data: list[Any]) -> list[Any] | None:
-    """The ids of well-formed rows, checked with C-level builtins only; None if unsure.
+def _fast_ids(data: list[list[Any]]) -> list[Any] | None:
+    """The ids of rows known to be lists, checked with C-level builtins only; None if unsure.
 
     JSON parsing never yields a non-finite float, so float ids need no check.
     """
-    if not set(map(type, data)) <= {list}:
-        return None
     try:
         ids = list(map(itemgetter(0), data))
     except IndexError:

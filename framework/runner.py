@@ -4,12 +4,8 @@ Where a call runs:
 - `async def` functions are awaited on the event loop.
 - Sync functions run on a thread pool owned by the version, a whole batch in
   one hop: a deployment that blocks uses up only its own threads, and time
-  limits still fire. A hop costs about 0.1 ms, more than a small function, so
-  once a version's calls have been timed on its pool and found cheap (CPU
-  time under `inline_budget` per call, and some calls that hardly waited),
-  calls expected to fit that budget run inline on the event loop. An inline
-  call that overruns it, or waits (sleep, I/O), sends its version back to the
-  pool until it is measured cheap again; the third overrun keeps it there.
+  limits still fire. Calls measured cheap run inline on the event loop
+  instead (`framework.inline` decides).
 - Vectorized functions (`@deployment(vectorized=True)`) get every row of a
   call at once, one list per parameter; concurrent requests are gathered into
   such calls by `framework.batching.Batcher`.
@@ -20,35 +16,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
-import resource
-import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import starmap
 from operator import itemgetter
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from framework import encoding
 from framework.batching import Batcher, Outcome
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
+from framework.inline import InlinePolicy
 from framework.packaging import Loaded
 from framework.protocol import Binder, Call, error_text, sort_key
 
 log = logging.getLogger("framework.runtime")
-
-WARMUP_CALLS = 3  # calls timed on the pool before any runs inline
-# A pooled call's wall time minus its CPU time is what it waited: for the GIL
-# (a few ms under load), or on sleep and I/O. Calls that all wait longer block.
-WAIT_LIMIT_S = 0.02
-MAX_OVERRUNS = 3  # inline calls over budget before a version stays on its pool
-# Voluntary context switches tell a call that waited (sleep, I/O, locks) from one
-# the OS preempted; without per-thread counts, any wait counts as blocking.
-_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
-
-
-def _switches() -> int:
-    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw if _RUSAGE_THREAD is not None else 0
-
 
 # What a deployment may raise and still get an answer: SystemExit and
 # KeyboardInterrupt from user code are its failures, not the server's. Not
@@ -59,7 +39,7 @@ _ARGS = itemgetter(slice(1, None))
 
 
 class Runner:
-    def __init__(self, loaded: Loaded, *, threads: int, inline_budget: float = 0.001) -> None:
+    def __init__(self, loaded: Loaded, *, threads: int, inline_budget: float = 0.0) -> None:
         m = loaded.manifest
         self.fn = loaded.fn
         self.manifest = m
@@ -67,13 +47,7 @@ class Runner:
         self.binder = Binder(self.fn)
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix=f"{m['name']}-v{m['version']}")
-        self.inline_budget = inline_budget
-        # CPU seconds per row, a cautious estimate (rises at once, falls slowly);
-        # infinite once the version is known to block.
-        self.row_cost = math.inf if inline_budget <= 0 else 0.0
-        self.timed_calls = 0
-        self.pool_wait = math.inf  # a decaying minimum of what pooled calls waited
-        self.overruns = 0
+        self.policy = InlinePolicy(self.label, inline_budget)
         options = m.get("options") or {}
         self.batcher: Batcher | None = None
         if options.get("vectorized"):
@@ -131,46 +105,19 @@ class Runner:
 
     # -- where a sync call runs -------------------------------------------------
 
-    def _timed(self, work: Callable[[Any], Any], arg: Any, rows: int, inline: bool) -> Any:
-        switches = _switches() if inline else 0
-        wall, cpu = time.perf_counter(), time.thread_time()
-        out = work(arg)
-        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
-        per_row = cpu / max(rows, 1)
-        cost = self.row_cost
-        self.row_cost = per_row if per_row > cost else 0.9 * cost + 0.1 * per_row
-        self.timed_calls += 1
-        waited = wall - cpu
-        if inline and (cpu > 4 * self.inline_budget or (
-                waited > self.inline_budget
-                and (_RUSAGE_THREAD is None or _switches() != switches))):
-            # Costlier than measured, or blocking: a strike, and back to the pool.
-            self.overruns += 1
-            self.row_cost = max(self.row_cost, wall / max(rows, 1))
-            log.warning("%s took %.1f ms on the event loop; running it on its threads%s",
-                        self.label, wall * 1e3,
-                        " from now on" if self.overruns >= MAX_OVERRUNS else " for a while")
-        elif not inline:
-            self.pool_wait = min(waited, (self.pool_wait + waited) / 2)
-        if self.overruns >= MAX_OVERRUNS:
-            self.row_cost = math.inf
-        return out
-
-    def _cheap(self, rows: int) -> bool:
-        return (self.timed_calls >= WARMUP_CALLS and self.pool_wait <= WAIT_LIMIT_S
-                and rows * self.row_cost <= self.inline_budget)
-
     async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int, timeout: float) -> Any:
-        if self._cheap(rows):
-            return self._timed(work, arg, rows, True)
+        if self.policy.cheap(rows):
+            return self.policy.inline(work, arg, rows)
         pooled = asyncio.get_running_loop().run_in_executor(
-            self.executor, self._timed, work, arg, rows, False)
+            self.executor, self.policy.pooled, work, arg, rows)
         return await self._limit(pooled, timeout)
 
-    async def _limit(self, work: Any, timeout: float) -> Any:
+    async def _limit(self, work: Awaitable[Any], timeout: float) -> Any:
         try:
-            return await asyncio.wait_for(work, timeout)
-        except asyncio.TimeoutError:
+            # Not asyncio.wait_for: it wraps a coroutine in a task of its own, per call.
+            async with asyncio.timeout(timeout):
+                return await work
+        except TimeoutError:
             raise CallTimeout(
                 f"{self.label} did not answer within {timeout:g} s; send a larger "
                 '"timeout_seconds" or a smaller batch'
@@ -221,10 +168,10 @@ class Runner:
             except USER_ERRORS as exc:
                 return False, self._failed(exc)
         n = len(rows)
-        if self._cheap(n):
-            return self._timed(self._vector_sync, columns, n, True)
+        if self.policy.cheap(n):
+            return self.policy.inline(self._vector_sync, columns, n)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._timed, self._vector_sync, columns, n, False)
+        return await loop.run_in_executor(self.executor, self.policy.pooled, self._vector_sync, columns, n)
 
     def _vector_sync(self, columns: list[list[Any]]) -> Outcome:
         n = len(columns[0])

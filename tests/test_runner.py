@@ -90,9 +90,10 @@ def test_an_inline_call_that_blocks_sends_its_version_back_to_its_threads() -> N
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     project = tmp_path_factory.mktemp("runner")
     (project / "mod.py").write_text(textwrap.dedent(MODULE))
-    (project / "deploy.yaml").write_text("modules: [mod]\n")
+    # Inline running is opt-in: these tests check that it stays safe when on.
+    (project / "deploy.yaml").write_text("modules: [mod]\nserver: {inline_budget_ms: 1}\n")
     run_cli("deploy", store=project / "store", cwd=project)
-    srv = Server(project / "store")
+    srv = Server(project / "store", cwd=project)
     yield srv
     srv.stop()
 

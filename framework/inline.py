@@ -1,0 +1,141 @@
+"""What runs on the event loop rather than on a thread: cheap sync calls, quick store reads.
+
+A thread hop costs about 0.1 ms, more than a small function. So once a
+version's calls have been timed on its pool and found cheap (CPU time under
+`budget` per call, and calls that hardly waited), calls expected to fit that
+budget run inline on the event loop. An inline call that overruns the budget,
+or waits (sleep, I/O), sends its version back to the pool until it is measured
+cheap again; the third such call within `OVERRUN_WINDOW` inline calls keeps
+it there.
+
+Only waits the thread chose count (voluntary context switches): under load
+the OS takes the CPU away from any call, which says nothing about the
+function. A thread can also be made to wait for the GIL by another Python
+thread now and then; the window forgives such rare strikes, where counting
+them for the server's whole life eventually sent even a doubler to its
+threads for good. Without per-thread counts (not Linux), any wait counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import resource
+import time
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger("framework.runtime")
+
+WARMUP_CALLS = 3  # calls timed on the pool before any runs inline
+# Pooled calls that all waited longer than this block (sleep, I/O, locks).
+WAIT_LIMIT_S = 0.02
+MAX_OVERRUNS = 3  # inline calls over budget, within the window, before a version stays on its pool
+OVERRUN_WINDOW = 1000  # inline calls within budget after which past overruns are forgiven
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
+T = TypeVar("T")
+
+
+def _usage() -> tuple[float, int]:
+    """This thread's CPU seconds and voluntary context switches so far.
+
+    CPU time from `thread_time`: getrusage's user and system times are split
+    from sampled ticks and can be off by milliseconds between two calls.
+    """
+    switches = resource.getrusage(_RUSAGE_THREAD).ru_nvcsw if _RUSAGE_THREAD is not None else 0
+    return time.thread_time(), switches
+
+
+class InlinePolicy:
+    """One version's cost estimate, and the decision it drives."""
+
+    def __init__(self, label: str, budget: float) -> None:
+        self.label = label
+        self.budget = budget
+        # CPU seconds per row, a cautious estimate (rises at once, falls slowly);
+        # infinite once the version is known to block.
+        self.row_cost = math.inf if budget <= 0 else 0.0
+        self.timed_calls = 0
+        self.pool_wait = math.inf  # a decaying minimum of what pooled calls waited
+        self.overruns = 0
+        self.clean_calls = 0  # inline calls within budget since the last overrun
+
+    def cheap(self, rows: int) -> bool:
+        """Whether a call of `rows` rows may run inline."""
+        return (self.timed_calls >= WARMUP_CALLS and self.pool_wait <= WAIT_LIMIT_S
+                and rows * self.row_cost <= self.budget)
+
+    def _learn(self, per_row: float) -> None:
+        cost = self.row_cost
+        self.row_cost = per_row if per_row > cost else 0.9 * cost + 0.1 * per_row
+        self.timed_calls += 1
+
+    def pooled(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
+        """`work(arg)` timed, on one of the version's threads."""
+        cpu, switches = _usage()
+        wall = time.perf_counter()
+        out = work(arg)
+        wall = time.perf_counter() - wall
+        end_cpu, end_switches = _usage()
+        cpu = end_cpu - cpu
+        self._learn(cpu / max(rows, 1))
+        waited = wall - cpu if end_switches != switches or _RUSAGE_THREAD is None else 0.0
+        self.pool_wait = min(waited, (self.pool_wait + waited) / 2)
+        return out
+
+    def inline(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
+        """`work(arg)` on the event loop; a call over budget is looked at closely."""
+        cpu, switches = _usage()
+        wall = time.perf_counter()
+        out = work(arg)
+        wall = time.perf_counter() - wall
+        if wall <= self.budget:  # then CPU time and waits are within budget too
+            self._learn(wall / max(rows, 1))
+            self.clean_calls += 1
+            if self.clean_calls >= OVERRUN_WINDOW:
+                self.overruns = 0
+            return out
+        end_cpu, end_switches = _usage()
+        cpu = end_cpu - cpu
+        self._learn(cpu / max(rows, 1))
+        blocked = wall - cpu > self.budget and (_RUSAGE_THREAD is None or end_switches != switches)
+        if cpu > 4 * self.budget or blocked:
+            # Costlier than measured, or blocking: a strike, and back to the pool.
+            self.overruns += 1
+            self.clean_calls = 0
+            self.row_cost = max(self.row_cost, wall / max(rows, 1))
+            if self.overruns >= MAX_OVERRUNS:
+                self.row_cost = math.inf
+            log.warning("%s took %.1f ms on the event loop; running it on its threads%s",
+                        self.label, wall * 1e3,
+                        " from now on" if self.overruns >= MAX_OVERRUNS else " for a while")
+        return out
+
+
+class QuickReads:
+    """Small store reads (a listing, a small file) on the event loop while they stay quick.
+
+    Under load, a read handed to a thread costs the loop a GIL handoff of up
+    to the interpreter's switch interval (5 ms) before the thread even runs:
+    re-reading `latest` and the API keys twice a second that way doubled p99
+    latency. A read over `budget` (a slow network mount) sends every later
+    read to a thread.
+    """
+
+    def __init__(self, what: str, budget: float = 0.002) -> None:
+        self.what = what
+        self.budget = budget
+        self.inline = True
+
+    async def __call__(self, read: Callable[..., T], *args: Any) -> T:
+        if not self.inline:
+            return await asyncio.to_thread(read, *args)
+        start = time.perf_counter()
+        try:
+            return read(*args)
+        finally:
+            took = time.perf_counter() - start
+            if took > self.budget:
+                self.inline = False
+                log.warning("reading %s took %.1f ms; reading it on a thread from now on",
+                            self.what, took * 1e3)
