@@ -91,9 +91,11 @@ class VersionCache:
                 self._failed[key] = (fut.exception(), time.monotonic() + FAILED_TTL)
             return
         self._loaded[key] = fut.result()
+        # An evicted version is only dropped, not closed: requests may still be
+        # running or queued on its threads. Its pool's idle threads exit once the
+        # last of them lets go of it (ThreadPoolExecutor's own weakref callback).
         while len(self._loaded) > self.size:
-            _, evicted = self._loaded.popitem(last=False)
-            evicted.close()
+            self._loaded.popitem(last=False)
 
     def _load(self, key: Key) -> Runner:
         branch, name, version = key
