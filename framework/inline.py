@@ -27,6 +27,9 @@ from typing import Any, Callable, TypeVar
 
 log = logging.getLogger("framework.runtime")
 
+# The budget of a deployment declared `@deployment(inline=True)` on a server
+# whose own `inline_budget_ms` is 0 (the default).
+DECLARED_BUDGET = 0.001
 WARMUP_CALLS = 3  # calls timed on the pool before any runs inline
 # Pooled calls that all waited longer than this block (sleep, I/O, locks).
 WAIT_LIMIT_S = 0.02

@@ -121,7 +121,7 @@ def _check_vectorizable(fn: Callable[..., Any]) -> None:
 
 
 def _make_options(python_packages: Any, setup: Any, vectorized: Any = False,
-                  **batching: Any) -> Options:
+                  inline: Any = False, **batching: Any) -> Options:
     if isinstance(python_packages, str) or not all(
         isinstance(p, str) and p.strip() for p in (python_packages or ())
     ):
@@ -131,8 +131,12 @@ def _make_options(python_packages: Any, setup: Any, vectorized: Any = False,
         )
     if setup is not None and not callable(setup):
         raise RegistryError(f"setup must be a function taking no arguments, got {setup!r}")
-    return Options(python_packages=tuple(python_packages or ()), setup=setup,
-                   extra=_batching(vectorized, batching))
+    if not isinstance(inline, bool):
+        raise RegistryError(f"inline must be True or False, got {inline!r}")
+    extra = _batching(vectorized, batching)
+    if inline:
+        extra["inline"] = True
+    return Options(python_packages=tuple(python_packages or ()), setup=setup, extra=extra)
 
 
 def make(
@@ -181,8 +185,11 @@ def deployment(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     list per parameter) and return a list of results, one per row; concurrent
     requests are then gathered into calls of at most `max_batch_rows` rows, waiting
     at most `max_wait_ms` for more rows when a call is not full.
+
+    `inline=True` declares the function cheap whatever its input: once measured
+    so, its calls run on the event loop, skipping a thread hop (see README).
     """
-    allowed = {"name", "python_packages", "setup", "vectorized", *BATCH_DEFAULTS}
+    allowed = {"name", "python_packages", "setup", "vectorized", "inline", *BATCH_DEFAULTS}
     unknown = set(options) - allowed
     if unknown:
         raise RegistryError(

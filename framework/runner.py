@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Iterator
 from framework import encoding
 from framework.batching import Batcher, Outcome
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
-from framework.inline import InlinePolicy
+from framework.inline import DECLARED_BUDGET, InlinePolicy
 from framework.packaging import Loaded
 from framework.protocol import Binder, Call, error_text, sort_key
 
@@ -47,8 +47,10 @@ class Runner:
         self.binder = Binder(self.fn)
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix=f"{m['name']}-v{m['version']}")
-        self.policy = InlinePolicy(self.label, inline_budget)
         options = m.get("options") or {}
+        # The server's budget applies to every version; @deployment(inline=True) opts one in.
+        declared = DECLARED_BUDGET if options.get("inline") else 0.0
+        self.policy = InlinePolicy(self.label, inline_budget or declared)
         self.batcher: Batcher | None = None
         if options.get("vectorized"):
             self.signature = inspect.signature(self.fn)

@@ -38,8 +38,8 @@ def sleepy(seconds):
 '''
 
 
-def _runner(fn: Callable[..., Any], budget: float = 0.001) -> Runner:
-    manifest = {"name": fn.__name__, "version": 1, "branch": "main", "options": {}}
+def _runner(fn: Callable[..., Any], budget: float = 0.001, **options: Any) -> Runner:
+    manifest = {"name": fn.__name__, "version": 1, "branch": "main", "options": options}
     return Runner(Loaded(fn, manifest), threads=2, inline_budget=budget)
 
 
@@ -129,3 +129,19 @@ def test_a_call_past_its_time_limit_answers_504(server: Server) -> None:
     assert answer.status_code == 504
     assert "did not answer within 0.5 s" in answer.json()["error"]
     assert time.perf_counter() - start < 2.5 and worst < 1.5
+
+
+def test_a_deployment_declared_inline_runs_inline_on_a_server_that_does_not() -> None:
+    declared = _threads(_runner(where, budget=0, inline=True), 8)
+    assert "MainThread" not in declared[0] and "MainThread" in declared[-1]
+    plain = _threads(_runner(where, budget=0), 8)
+    assert all("MainThread" not in a for a in plain)
+
+
+def test_inline_is_a_declared_boolean() -> None:
+    from framework import deployment
+    from framework.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="inline must be True or False"):
+        deployment(inline="yes")
+    assert deployment(inline=True)(where).options.describe()["inline"] is True
