@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from framework import config as cfgmod
 from framework import auth, encoding, observe, openapi, protocol, signing
@@ -199,8 +199,13 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         hint = {404: f"no route {request.url.path}; POST /v1/<name>/<ref> or /v1/<name>/<branch>/<ref> "
                      "to run a deployment (write '/' in a branch as '~')",
                 405: f"{request.method} is not allowed on {request.url.path}"}
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only
+            allowed = {m for r in routes if r.matches(request.scope)[0] != Match.NONE
+                       for m in getattr(r, "methods", None) or ()}
+            headers = {"Allow": ", ".join(sorted(allowed))}
         return JSONResponse({"error": hint.get(exc.status_code, exc.detail)}, exc.status_code,
-                            headers=exc.headers)  # 405 carries Allow
+                            headers=headers)
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)

@@ -14,6 +14,7 @@ stay open, so probes and scrapers need no key.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import hmac
@@ -28,7 +29,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework.observe import SCOPE_ERROR, SCOPE_KEY
 from framework.errors import Forbidden, FrameworkError, NotFound, StoreError, Unauthorized
-from framework.inline import QuickReads
 from framework.registry import check_name
 from framework.store import Store
 
@@ -121,20 +121,31 @@ class KeyRing:
         self.store = store
         self.required = required
         self.ttl = ttl
-        self.reads = QuickReads("API keys")
+        self._reading: asyncio.Future[Any] | None = None
         doc = store.read_keys()
         self.enabled = required or doc is not None
         self.keys = _active(doc)
         self._expires = time.monotonic() + ttl
 
-    async def refresh(self) -> None:
+    def refresh(self) -> None:
+        """Start re-reading the keys on a thread when they are due; callers never wait.
+
+        Requests keep the previous view until the read ends: a hung store cannot
+        freeze the server, and a revoked key stops working within ttl + one read.
+        """
         now = time.monotonic()
-        if now < self._expires:
+        if now < self._expires or self._reading is not None:
             return
-        # Requests arriving meanwhile use the previous view rather than all reading the store.
         self._expires = now + self.ttl
+        self._reading = asyncio.ensure_future(asyncio.to_thread(self.store.read_keys))
+        self._reading.add_done_callback(self._read)
+
+    def _read(self, done: asyncio.Future[Any]) -> None:
+        self._reading = None
+        if done.cancelled():  # the server is shutting down
+            return
         try:
-            doc = await self.reads(self.store.read_keys)
+            doc = done.result()
         except (StoreError, ValueError) as exc:
             log.error("cannot re-read API keys, keeping the previous ones: %s", exc)
             return
@@ -191,7 +202,7 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self.ring.refresh()
+            self.ring.refresh()
             if self.ring.enabled:
                 needed, name = _protected(scope["path"])
                 if needed:

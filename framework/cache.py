@@ -12,14 +12,21 @@ failed to load is not retried for `FAILED_TTL` seconds.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from framework import packaging
-from framework.errors import CallTimeout, IncompatibleArtifact, IntegrityError, LoadFailed, NotFound
-from framework.inline import QuickReads
+from framework.errors import (
+    CallTimeout,
+    FrameworkError,
+    IncompatibleArtifact,
+    IntegrityError,
+    LoadFailed,
+    NotFound,
+)
 from framework.protocol import error_text
 from framework.runner import Runner
 from framework.store import Store, check_branch
@@ -37,7 +44,7 @@ class VersionCache:
         self.threads = threads
         self.inline_budget = inline_budget
         self.ttl = ttl
-        self.reads = QuickReads("versions and aliases")
+        self._refreshing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._loaded: OrderedDict[Key, Runner] = OrderedDict()
         self._loading: dict[Key, asyncio.Future[Runner]] = {}
@@ -49,14 +56,27 @@ class VersionCache:
             ref = str(int(ref))  # "01" and "1" share one entry, so URLs cannot grow the cache
         key = (branch, name, ref)
         hit = self._refs.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[1] > now:
+        if hit is not None:
+            if hit[1] <= time.monotonic() and key not in self._refreshing:
+                # Re-read on a thread while callers keep the previous answer: neither a
+                # hung store nor the thread handoff ever holds up a request.
+                self._refreshing[key] = asyncio.ensure_future(self._refresh(key))
             return hit[0]
         check_branch(branch)
-        version = await self.reads(self.store.resolve, branch, name, ref)
+        return self._remember(key, await asyncio.to_thread(self.store.resolve, branch, name, ref))
+
+    def _remember(self, key: tuple[str, str, str], version: int) -> int:
         # A number is immutable once it exists; names move, so they expire.
-        self._refs[key] = (version, float("inf") if ref.isdigit() else now + self.ttl)
+        self._refs[key] = (version, math.inf if key[2].isdigit() else time.monotonic() + self.ttl)
         return version
+
+    async def _refresh(self, key: tuple[str, str, str]) -> None:
+        try:
+            self._remember(key, await asyncio.to_thread(self.store.resolve, *key))
+        except FrameworkError:  # gone (an alias removed) or unreadable: the next caller asks afresh
+            self._refs.pop(key, None)
+        finally:
+            del self._refreshing[key]
 
     async def runner(self, branch: str, name: str, version: int, timeout: float) -> Runner:
         """The loaded version; loading it may take at most `timeout` seconds of this call."""

@@ -18,12 +18,11 @@ threads for good. Without per-thread counts (not Linux), any wait counts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import resource
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 log = logging.getLogger("framework.runtime")
 
@@ -36,7 +35,6 @@ WAIT_LIMIT_S = 0.02
 MAX_OVERRUNS = 3  # inline calls over budget, within the window, before a version stays on its pool
 OVERRUN_WINDOW = 1000  # inline calls within budget after which past overruns are forgiven
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
-T = TypeVar("T")
 
 
 def _usage() -> tuple[float, int]:
@@ -113,32 +111,3 @@ class InlinePolicy:
                         self.label, wall * 1e3,
                         " from now on" if self.overruns >= MAX_OVERRUNS else " for a while")
         return out
-
-
-class QuickReads:
-    """Small store reads (a listing, a small file) on the event loop while they stay quick.
-
-    Under load, a read handed to a thread costs the loop a GIL handoff of up
-    to the interpreter's switch interval (5 ms) before the thread even runs:
-    re-reading `latest` and the API keys twice a second that way doubled p99
-    latency. A read over `budget` (a slow network mount) sends every later
-    read to a thread.
-    """
-
-    def __init__(self, what: str, budget: float = 0.002) -> None:
-        self.what = what
-        self.budget = budget
-        self.inline = True
-
-    async def __call__(self, read: Callable[..., T], *args: Any) -> T:
-        if not self.inline:
-            return await asyncio.to_thread(read, *args)
-        start = time.perf_counter()
-        try:
-            return read(*args)
-        finally:
-            took = time.perf_counter() - start
-            if took > self.budget:
-                self.inline = False
-                log.warning("reading %s took %.1f ms; reading it on a thread from now on",
-                            self.what, took * 1e3)

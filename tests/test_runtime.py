@@ -388,6 +388,8 @@ def test_an_invalid_name_in_the_url_is_404(sample, path):
 def test_405_says_which_methods_are_allowed(sample):
     resp = httpx.get(sample.url + "/v1/echo/main/latest")
     assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    resp = httpx.put(sample.url + "/v1/echo/latest")  # runs with POST, describes branch "latest" with GET
+    assert resp.status_code == 405 and {"GET", "POST"} <= set(resp.headers["allow"].split(", "))
 
 
 def test_version_numbers_are_read_as_numbers(sample):

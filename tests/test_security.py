@@ -234,3 +234,29 @@ def test_cli_deploy_signs_and_the_signature_covers_the_manifest(tmp_path):
         with pytest.raises(framework.FrameworkError, match="does not match its signature"):
             signing.verify(artifact, {**m, field: value}, KEY_A.encode())
     assert mf.loads(mf.dumps(m)) == m
+
+
+def test_a_hung_store_read_never_holds_up_requests(keyed):
+    """Keys and aliases are re-read on threads in the background, never on the event loop."""
+    store, server = keyed
+    key = run_cli("keys", "create", store=store).stdout.strip()
+    run_cli("alias", "set", "example_doubler", "prod", "1", store=store)
+    until(lambda: status(server, "/v1/example_doubler/prod", key, {"data": 1}) == 200)
+    hung = []
+    for path in (store / "keys.json", store / "branches" / "main" / "example_doubler" / "aliases.json"):
+        path.rename(path.with_suffix(".bak"))
+        os.mkfifo(path)  # opening it blocks until a writer comes: a hung network mount
+        hung.append(path)
+    try:
+        time.sleep(0.7)  # past both caches' 0.5 s: the re-reads are now stuck
+        for _ in range(3):
+            started = time.monotonic()
+            assert status(server, "/v1/example_doubler/prod", key, {"data": 2}) == 200
+            assert status(server, "/livez") == 200
+            assert time.monotonic() - started < 1.0
+    finally:
+        for path in hung:  # let the stuck reads end, so the server can stop
+            with open(path, "w"):
+                pass
+            path.unlink()
+            path.with_suffix(".bak").rename(path)
