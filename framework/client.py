@@ -16,7 +16,7 @@ import httpx
 import orjson
 
 from framework.errors import InferenceError
-from framework.protocol import sort_key
+from framework.protocol import pair_order
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = {429, 503}
@@ -104,8 +104,8 @@ def get_inference(
                 lambda chunk: _post(client, path, {"data": chunk, "partial": True, **extra}),
                 chunks,
             ))
-    rows = sorted((r for a in answers for r in a["data"]), key=lambda r: sort_key(r[0]))
-    errors = sorted((e for a in answers for e in a.get("errors", [])), key=lambda e: sort_key(e[0]))
+    rows = sorted((r for a in answers for r in a["data"]), key=pair_order)
+    errors = sorted((e for a in answers for e in a.get("errors", [])), key=pair_order)
     if errors:
         first_id, first_error = errors[0]
         raise InferenceError(

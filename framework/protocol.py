@@ -80,7 +80,7 @@ def parse(body: bytes) -> Call:
         ids = _checked_ids(data)
     kinds = set(map(type, ids))
     mixed = bool(kinds & {int, float}) and str in kinds
-    order = _mixed_order if mixed else itemgetter(0)
+    order = pair_order if mixed else itemgetter(0)
     return Call(True, data, ids, data, partial, timeout, order)
 
 
@@ -101,7 +101,8 @@ def _fast_ids(data: list[list[Any]]) -> list[Any] | None:
     return ids
 
 
-def _mixed_order(pair: Any) -> tuple[int, Any]:
+def pair_order(pair: Any) -> tuple[int, Any]:
+    """`sort_key` of an `[id, value]` pair."""
     return sort_key(pair[0])
 
 

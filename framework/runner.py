@@ -26,7 +26,7 @@ from framework.batching import Batcher, Outcome
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
 from framework.inline import DECLARED_BUDGET, InlinePolicy
 from framework.packaging import Loaded
-from framework.protocol import Binder, Call, error_text, sort_key
+from framework.protocol import Binder, Call, error_text
 
 log = logging.getLogger("framework.runtime")
 
@@ -107,12 +107,12 @@ class Runner:
 
     # -- where a sync call runs -------------------------------------------------
 
-    async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int, timeout: float) -> Any:
+    async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
+        """`work(arg)` inline when measured cheap, else on the version's threads."""
         if self.policy.cheap(rows):
             return self.policy.inline(work, arg, rows)
-        pooled = asyncio.get_running_loop().run_in_executor(
-            self.executor, self.policy.pooled, work, arg, rows)
-        return await self._limit(pooled, timeout)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.policy.pooled, work, arg, rows)
 
     async def _limit(self, work: Awaitable[Any], timeout: float) -> Any:
         try:
@@ -169,11 +169,7 @@ class Runner:
                 return self._vector_result(await self.fn(*columns), len(rows))
             except USER_ERRORS as exc:
                 return False, self._failed(exc)
-        n = len(rows)
-        if self.policy.cheap(n):
-            return self.policy.inline(self._vector_sync, columns, n)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.policy.pooled, self._vector_sync, columns, n)
+        return await self._sync(self._vector_sync, columns, len(rows))
 
     def _vector_sync(self, columns: list[list[Any]]) -> Outcome:
         n = len(columns[0])
@@ -220,15 +216,14 @@ class Runner:
                 return 200, self._batch_body(call, results, failed)
             ok, value = (False, failed[0]) if failed else (True, results[0])
         elif call.batch:
-            if self.is_async:
-                results, failed = await self._limit(self._rows_async(call.rows), timeout)
-            else:
-                results, failed = await self._sync(self._rows_sync, call.rows, len(call.rows), timeout)
+            rows = (self._rows_async(call.rows) if self.is_async
+                    else self._sync(self._rows_sync, call.rows, len(call.rows)))
+            results, failed = await self._limit(rows, timeout)
             return 200, self._batch_body(call, results, failed)
-        elif self.is_async:
-            ok, value = await self._limit(self._single_async(call.data), timeout)
         else:
-            ok, value = await self._sync(self._single_sync, call.data, 1, timeout)
+            single = (self._single_async(call.data) if self.is_async
+                      else self._sync(self._single_sync, call.data, 1))
+            ok, value = await self._limit(single, timeout)
         if ok:
             try:
                 return 200, encoding.dumps({"data": value})
@@ -247,11 +242,8 @@ class Runner:
         try:
             body = encoding.dumps({"data": data, "errors": errors} if call.partial else {"data": data})
         except TypeError:
-            bad = {i for i, v in data if encoding.unencodable(v)}
-            errors = sorted(
-                errors + [(i, encoding.unencodable(v)) for i, v in data if i in bad],
-                key=lambda e: sort_key(e[0]),
-            )
+            bad = {i: e for i, v in data if (e := encoding.unencodable(v))}
+            errors = sorted(errors + list(bad.items()), key=call.order)
             data = [(i, v) for i, v in data if i not in bad]
             body = None
         if errors and not call.partial:
