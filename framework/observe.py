@@ -157,15 +157,12 @@ class Metrics:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _row_errors(call: Any, error: BaseException | None, body: bytes) -> int:
+def _row_errors(call: Any, error: BaseException | None) -> int:
     if isinstance(error, RowsFailed):
         return len(error.errors)
     if isinstance(error, DeploymentFailed):
         return 1
-    if call.partial and call.batch and body and not body.endswith(b'"errors":[]}'):
-        # Only a partial answer that has failed rows is parsed again.
-        return len(orjson.loads(body).get("errors") or ())
-    return 0
+    return call.failed
 
 
 class AccessLog:
@@ -235,10 +232,8 @@ class ObserveMiddleware:
             nonlocal status, body
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body":
-                call = scope.get(SCOPE_CALL)
-                if self.log_payloads or (call is not None and call[3].partial):
-                    body += message.get("body", b"")
+            elif message["type"] == "http.response.body" and self.log_payloads:
+                body += message.get("body", b"")
             await send(message)
 
         async def receiving() -> Message:
@@ -264,10 +259,7 @@ class ObserveMiddleware:
             branch, name, version, call = resolved
             labels = (name, branch, str(version))
             rows = len(call.ids) if call.batch else 1
-            try:
-                errors = _row_errors(call, error, body)
-            except orjson.JSONDecodeError:
-                errors = 0  # a body cut short by a client that went away
+            errors = _row_errors(call, error)
             batch = call.batch
         if self.metrics is not None:
             self.metrics.record(labels, status, seconds, rows, errors, batch)

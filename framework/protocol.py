@@ -29,6 +29,8 @@ class Call:
     timeout: float | None
     # Sorts (id, value) pairs in protocol order; plain id order unless ids mix types.
     order: Callable[[Any], Any] = itemgetter(0)
+    # Rows that failed, set by the runner once a batch has run (for metrics and logs).
+    failed: int = 0
 
 
 def _is_id(value: Any) -> bool:

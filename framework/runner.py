@@ -246,6 +246,7 @@ class Runner:
             errors = sorted(errors + list(bad.items()), key=call.order)
             data = [(i, v) for i, v in data if i not in bad]
             body = None
+        call.failed = len(errors)
         if errors and not call.partial:
             first_id, first_error = errors[0]
             raise RowsFailed(
