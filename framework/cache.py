@@ -112,8 +112,8 @@ class VersionCache:
             return
         self._loaded[key] = fut.result()
         # An evicted version is only dropped, not closed: requests may still be
-        # running or queued on its threads. Its pool's idle threads exit once the
-        # last of them lets go of it (ThreadPoolExecutor's own weakref callback).
+        # running or queued on its threads. Its threads exit once idle for a while
+        # (`framework.threads.IDLE_EXIT_S`).
         while len(self._loaded) > self.size:
             self._loaded.popitem(last=False)
 

@@ -2,10 +2,11 @@
 
 Where a call runs:
 - `async def` functions are awaited on the event loop.
-- Sync functions run on a thread pool owned by the version, a whole batch in
-  one hop: a deployment that blocks uses up only its own threads, and time
-  limits still fire. Calls measured cheap run inline on the event loop
-  instead (`framework.inline` decides).
+- Sync functions run on threads owned by the version (`framework.threads`),
+  a whole batch in one hop: a deployment that blocks uses up only its own
+  threads, and time limits still fire. For calls measured cheap the event
+  loop waits a bounded time for the answer instead of moving on; opted-in
+  versions run them on the loop itself (`framework.inline` decides).
 - Vectorized functions (`@deployment(vectorized=True)`) get every row of a
   call at once, one list per parameter; concurrent requests are gathered into
   such calls by `framework.batching.Batcher`.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from itertools import starmap
 from operator import itemgetter
 from typing import Any, Awaitable, Callable, Iterator
@@ -27,6 +27,7 @@ from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
 from framework.inline import DECLARED_BUDGET, InlinePolicy
 from framework.packaging import Loaded
 from framework.protocol import Binder, Call, error_text
+from framework.threads import Lane
 
 log = logging.getLogger("framework.runtime")
 
@@ -46,7 +47,7 @@ class Runner:
         self.label = f"{m['name']} v{m['version']} ({m['branch']})"
         self.binder = Binder(self.fn)
         self.is_async = inspect.iscoroutinefunction(self.fn)
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix=f"{m['name']}-v{m['version']}")
+        self.lane = Lane(threads, f"{m['name']}-v{m['version']}")
         options = m.get("options") or {}
         # The server's budget applies to every version; @deployment(inline=True) opts one in.
         declared = DECLARED_BUDGET if options.get("inline") else 0.0
@@ -58,7 +59,7 @@ class Runner:
                                    max_wait=options["max_wait_ms"] / 1000)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.lane.close()
 
     def _failed(self, exc: BaseException, row_id: Any = None) -> str:
         where = self.label if row_id is None else f"{self.label} row {row_id!r}"
@@ -107,12 +108,19 @@ class Runner:
 
     # -- where a sync call runs -------------------------------------------------
 
-    async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
-        """`work(arg)` inline when measured cheap, else on the version's threads."""
-        if self.policy.cheap(rows):
-            return self.policy.inline(work, arg, rows)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.policy.pooled, work, arg, rows)
+    async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int,
+                    timeout: float | None) -> Any:
+        """`work(arg)` where `framework.inline` places it; `timeout` bounds the wait, if given."""
+        policy = self.policy
+        if policy.cheap(rows):
+            if policy.on_loop:
+                return policy.inline(work, arg, rows)
+            handoff = self.lane.call(policy.timed, work, arg, rows, wait=policy.wait)
+        else:
+            handoff = self.lane.call(policy.timed, work, arg, rows)
+        if handoff.future is None:  # done while the loop waited: no time limit can have passed
+            return handoff.result()
+        return await (handoff.future if timeout is None else self._limit(handoff.future, timeout))
 
     async def _limit(self, work: Awaitable[Any], timeout: float) -> Any:
         try:
@@ -169,7 +177,7 @@ class Runner:
                 return self._vector_result(await self.fn(*columns), len(rows))
             except USER_ERRORS as exc:
                 return False, self._failed(exc)
-        return await self._sync(self._vector_sync, columns, len(rows))
+        return await self._sync(self._vector_sync, columns, len(rows), None)  # bounded by the caller's limit
 
     def _vector_sync(self, columns: list[list[Any]]) -> Outcome:
         n = len(columns[0])
@@ -216,14 +224,16 @@ class Runner:
                 return 200, self._batch_body(call, results, failed)
             ok, value = (False, failed[0]) if failed else (True, results[0])
         elif call.batch:
-            rows = (self._rows_async(call.rows) if self.is_async
-                    else self._sync(self._rows_sync, call.rows, len(call.rows)))
-            results, failed = await self._limit(rows, timeout)
+            if self.is_async:
+                results, failed = await self._limit(self._rows_async(call.rows), timeout)
+            else:
+                results, failed = await self._sync(self._rows_sync, call.rows, len(call.rows), timeout)
             return 200, self._batch_body(call, results, failed)
         else:
-            single = (self._single_async(call.data) if self.is_async
-                      else self._sync(self._single_sync, call.data, 1))
-            ok, value = await self._limit(single, timeout)
+            if self.is_async:
+                ok, value = await self._limit(self._single_async(call.data), timeout)
+            else:
+                ok, value = await self._sync(self._single_sync, call.data, 1, timeout)
         if ok:
             try:
                 return 200, encoding.dumps({"data": value})

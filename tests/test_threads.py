@@ -1,0 +1,172 @@
+"""A version's threads (`framework.threads.Lane`): the loop waits for a call
+only as long as it was told, a blocked thread leaves the others free, and a
+call its caller gave up on never runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from framework import threads
+from framework.runner import Runner
+from framework.packaging import Loaded
+from framework.protocol import parse
+
+
+def _run(body: Callable[[threads.Lane], Any], size: int = 2) -> Any:
+    lane = threads.Lane(size, "test")
+
+    async def go() -> Any:
+        return await body(lane)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        lane.close()
+
+
+def _name() -> str:
+    return threading.current_thread().name
+
+
+def test_a_call_done_within_the_wait_is_answered_at_once_on_a_lane_thread() -> None:
+    async def body(lane: threads.Lane) -> Any:
+        handoff = lane.call(_name, wait=5.0)
+        assert handoff.future is None, "finished while the loop waited"
+        return handoff.result()
+
+    assert _run(body).startswith("test-")
+
+
+def test_a_call_past_the_wait_frees_the_loop_and_still_answers() -> None:
+    release = threading.Event()
+
+    def slow() -> str:
+        release.wait(10)
+        return "done"
+
+    async def body(lane: threads.Lane) -> tuple[float, str]:
+        start = time.perf_counter()
+        handoff = lane.call(slow, wait=0.05)
+        held = time.perf_counter() - start
+        assert handoff.future is not None
+        release.set()
+        return held, await handoff.future
+
+    held, answer = _run(body)
+    assert answer == "done"
+    assert held < 1.0, f"the loop was held {held:.2f} s for a 0.05 s wait"
+
+
+@pytest.mark.parametrize("wait", [0.0, 5.0])
+def test_what_a_call_raises_reaches_its_caller(wait: float) -> None:
+    def fails() -> None:
+        raise SystemExit(3)
+
+    async def body(lane: threads.Lane) -> None:
+        handoff = lane.call(fails, wait=wait)
+        if handoff.future is None:
+            handoff.result()
+        else:
+            await handoff.future
+
+    with pytest.raises(SystemExit):
+        _run(body)
+
+
+def test_a_blocked_thread_leaves_the_others_free_and_size_bounds_them() -> None:
+    release = threading.Event()
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def blocker(n: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        release.wait(10)
+        with lock:
+            running -= 1
+        return n
+
+    async def body(lane: threads.Lane) -> list[int]:
+        blocked = lane.call(blocker, 0).future
+        # A call measured cheap still gets a free thread while one is blocked.
+        assert lane.call(_name, wait=5.0).future is None
+        more = [lane.call(blocker, n).future for n in range(1, 5)]
+        await asyncio.sleep(0.2)
+        release.set()
+        return await asyncio.gather(blocked, *more)
+
+    assert _run(body, size=2) == [0, 1, 2, 3, 4]
+    assert most == 2
+
+
+def test_a_call_cancelled_while_queued_never_runs() -> None:
+    release = threading.Event()
+    ran: list[str] = []
+
+    async def body(lane: threads.Lane) -> None:
+        first = lane.call(release.wait, 10).future
+        queued = lane.call(ran.append, "queued").future
+        assert queued is not None
+        queued.cancel()  # what a time limit does to the caller's await
+        release.set()
+        await first
+        await lane.call(ran.append, "after").future
+
+    _run(body, size=1)
+    assert ran == ["after"]
+
+
+def test_idle_threads_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "IDLE_EXIT_S", 0.05)
+
+    async def body(lane: threads.Lane) -> list[str]:
+        await asyncio.gather(*(lane.call(time.sleep, 0.05).future for _ in range(3)))
+        for _ in range(100):  # bounded: up to 5 s
+            live = [t.name for t in threading.enumerate() if t.name.startswith("test-")]
+            if not live:
+                return live
+            await asyncio.sleep(0.05)
+        return live
+
+    assert _run(body, size=3) == []
+
+
+def test_a_call_measured_cheap_that_turns_slow_holds_the_loop_only_briefly() -> None:
+    """On the default settings (no inline running) a version measured cheap is
+    waited for, but a slow call then costs the loop a few milliseconds, not its
+    whole run: other requests go on, and its time limit still fires."""
+    naps = iter([0, 0, 0, 0, 0, 2.0])
+
+    def sometimes(x: Any) -> Any:
+        time.sleep(next(naps, 0))
+        return x
+
+    runner = Runner(Loaded(sometimes, {"name": "sometimes", "version": 1, "branch": "main"}), threads=2)
+
+    async def go() -> tuple[float, bool]:
+        for _ in range(5):
+            await runner.run(parse(b'{"data": 1}'), 5)
+        assert runner.policy.cheap(1)
+        start = time.perf_counter()
+        slow = asyncio.ensure_future(runner.run(parse(b'{"data": 1}'), 0.5))
+        await asyncio.sleep(0.01)
+        ticked = time.perf_counter() - start
+        try:
+            await slow
+        except Exception as exc:  # noqa: BLE001
+            return ticked, type(exc).__name__ == "CallTimeout"
+        return ticked, False
+
+    try:
+        ticked, timed_out = asyncio.run(go())
+    finally:
+        runner.close()
+    assert ticked < 1.0, f"the loop was held {ticked:.2f} s"
+    assert timed_out
