@@ -88,9 +88,9 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    # From the ASGI messages directly: Starlette's `Request.stream()` is an async
-    # generator, a measurable part of a small request's cost.
-    length = request.headers.get("content-length", "")
+    # From the ASGI scope and messages directly: Starlette's `Headers` and its
+    # `Request.stream()` async generator are a measurable part of a small request's cost.
+    length = next((v for k, v in request.scope["headers"] if k == b"content-length"), b"")
     if length.isdigit() and int(length) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
@@ -119,7 +119,8 @@ class Runtime:
         self.max_inflight = s["max_concurrency"]
         self.inflight = 0
         self.versions = VersionCache(self.store, size=s["cache_size"], threads=s["threads_per_version"],
-                                     inline_budget=s["inline_budget_ms"] / 1000)
+                                     inline_budget=s["inline_budget_ms"] / 1000,
+                                     wait_budget=s["wait_budget_ms"] / 1000)
 
     async def infer(self, request: Request) -> Response:
         p = request.path_params

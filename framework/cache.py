@@ -27,6 +27,7 @@ from framework.errors import (
     LoadFailed,
     NotFound,
 )
+from framework.inline import DEFAULT_WAIT_BUDGET
 from framework.protocol import error_text
 from framework.runner import Runner
 from framework.store import Store, check_branch
@@ -38,11 +39,13 @@ LOAD_THREADS = 4
 
 class VersionCache:
     def __init__(self, store: Store, *, size: int, threads: int, inline_budget: float = 0.0,
+                 wait_budget: float = DEFAULT_WAIT_BUDGET,
                  ttl: float = 0.5) -> None:
         self.store = store
         self.size = size
         self.threads = threads
         self.inline_budget = inline_budget
+        self.wait_budget = wait_budget
         self.ttl = ttl
         self._refreshing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
@@ -130,7 +133,8 @@ class VersionCache:
                 f"cannot load {name} v{version} ({branch}); deploy a fixed version or roll back "
                 f"(`framework rollback {name}`):\n{error_text(exc)}"
             ) from exc
-        return Runner(loaded, threads=self.threads, inline_budget=self.inline_budget)
+        return Runner(loaded, threads=self.threads, inline_budget=self.inline_budget,
+                      wait_budget=self.wait_budget)
 
     def loaded(self) -> list[dict[str, Any]]:
         return [{"branch": b, "name": n, "version": v} for b, n, v in self._loaded]

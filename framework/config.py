@@ -33,6 +33,10 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # thread. Off by default: a call whose cost depends on its input can then stall
     # the server and run past its time limit (see README "Performance").
     "inline_budget_ms": 0.0,
+    # Sync calls measured under this much CPU time run on their thread while the
+    # event loop waits for them (at most twice this): no second wake-up, no GIL
+    # contention. 0: the loop never waits (see README "Performance").
+    "wait_budget_ms": 2.0,
     "debug": False,
     # Operations and security (README "Operations and security").
     "require_api_keys": False,
@@ -45,6 +49,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
 SERVER_MINIMUMS: dict[str, float] = {
     "port": 1, "workers": 1, "max_body_bytes": 1, "max_concurrency": 1,
     "timeout_seconds": 0.001, "cache_size": 1, "threads_per_version": 1, "inline_budget_ms": 0,
+    "wait_budget_ms": 0,
 }
 
 TOP_KEYS = {"store", "branch", "modules", "aliases", "server"}

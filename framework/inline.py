@@ -35,16 +35,17 @@ from typing import Any, Callable
 log = logging.getLogger("framework.runtime")
 
 # The budget of a deployment declared `@deployment(inline=True)` on a server
-# whose own `inline_budget_ms` is 0 (the default), and of calls the loop waits for.
+# whose own `inline_budget_ms` is 0 (the default).
 DECLARED_BUDGET = 0.001
+DEFAULT_WAIT_BUDGET = 0.002  # `server.wait_budget_ms`
 # How long the loop waits, at most, for a call expected to take `budget`: room
 # for an estimate a little low, and still a fraction of a small request's latency.
 WAIT_FACTOR = 2.0
 WARMUP_CALLS = 3  # calls timed on the pool before any runs inline
 # Pooled calls that all waited longer than this block (sleep, I/O, locks).
 WAIT_LIMIT_S = 0.02
-MAX_OVERRUNS = 3  # inline calls over budget, within the window, before a version stays on its pool
-OVERRUN_WINDOW = 1000  # inline calls within budget after which past overruns are forgiven
+MAX_OVERRUNS = 3  # calls over budget, within the window, before a version stays on its threads
+OVERRUN_WINDOW = 1000  # calls within budget after which past overruns are forgiven
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 
 
@@ -61,23 +62,24 @@ def _usage() -> tuple[float, int]:
 class InlinePolicy:
     """One version's cost estimate, and the decision it drives."""
 
-    def __init__(self, label: str, inline_budget: float) -> None:
-        """`inline_budget` > 0 lets calls measured cheap run on the event loop itself."""
+    def __init__(self, label: str, inline_budget: float, wait_budget: float) -> None:
+        """Calls measured cheap run on the event loop itself if `inline_budget` > 0,
+        else on a thread with the loop waiting, if `wait_budget` > 0."""
         self.label = label
         self.on_loop = inline_budget > 0
-        self.budget = inline_budget if self.on_loop else DECLARED_BUDGET
+        self.budget = inline_budget if self.on_loop else wait_budget
         self.wait = WAIT_FACTOR * self.budget
         # CPU seconds per row, a cautious estimate (rises at once, falls slowly);
-        # infinite once the version is known to block.
-        self.row_cost = 0.0
+        # infinite once the version is known to block, or when nothing is cheap.
+        self.row_cost = 0.0 if self.budget > 0 else math.inf
         self.timed_calls = 0
         self.pool_wait = math.inf  # a decaying minimum of what pooled calls waited
         self.overruns = 0
-        self.clean_calls = 0  # inline calls within budget since the last overrun
+        self.clean_calls = 0  # calls within budget since the last overrun
 
     def cheap(self, rows: int) -> bool:
         """Whether a call of `rows` rows may run inline, or with the loop waiting for it."""
-        return (self.timed_calls >= WARMUP_CALLS and self.pool_wait <= WAIT_LIMIT_S
+        return (self.timed_calls >= WARMUP_CALLS and self.pool_wait <= min(WAIT_LIMIT_S, self.budget)
                 and rows * self.row_cost <= self.budget)
 
     def _learn(self, per_row: float) -> None:
@@ -106,22 +108,32 @@ class InlinePolicy:
         wall = time.perf_counter() - wall
         if wall <= self.budget:  # then CPU time and waits are within budget too
             self._learn(wall / max(rows, 1))
-            self.clean_calls += 1
-            if self.clean_calls >= OVERRUN_WINDOW:
-                self.overruns = 0
+            self.clean()
             return out
         end_cpu, end_switches = _usage()
         cpu = end_cpu - cpu
         self._learn(cpu / max(rows, 1))
         blocked = wall - cpu > self.budget and (_RUSAGE_THREAD is None or end_switches != switches)
-        if cpu > 4 * self.budget or blocked:
-            # Costlier than measured, or blocking: a strike, and back to the pool.
-            self.overruns += 1
-            self.clean_calls = 0
-            self.row_cost = max(self.row_cost, wall / max(rows, 1))
-            if self.overruns >= MAX_OVERRUNS:
-                self.row_cost = math.inf
-            log.warning("%s took %.1f ms on the event loop; running it on its threads%s",
-                        self.label, wall * 1e3,
-                        " from now on" if self.overruns >= MAX_OVERRUNS else " for a while")
+        if cpu > 4 * self.budget or blocked:  # costlier than measured, or blocking
+            self._strike(wall, rows, f"took {wall * 1e3:.1f} ms on the event loop")
         return out
+
+    def clean(self) -> None:
+        """A call ran inline, or was waited for, within its budget."""
+        self.clean_calls += 1
+        if self.clean_calls >= OVERRUN_WINDOW:
+            self.overruns = 0
+
+    def overran(self, rows: int) -> None:
+        """A call the loop waited for was not done within the wait."""
+        self._strike(self.wait, rows, f"ran past the {self.wait * 1e3:g} ms the event loop waits")
+
+    def _strike(self, wall: float, rows: int, what: str) -> None:
+        """Not cheap for a while; the `MAX_OVERRUNS`th strike in a window, for good."""
+        self.overruns += 1
+        self.clean_calls = 0
+        self.row_cost = max(self.row_cost, wall / max(rows, 1))
+        if self.overruns >= MAX_OVERRUNS:
+            self.row_cost = math.inf
+        log.warning("%s %s; running it on its threads without waiting%s", self.label, what,
+                    " from now on" if self.overruns >= MAX_OVERRUNS else " for a while")

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Iterator
 from framework import encoding
 from framework.batching import Batcher, Outcome
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
-from framework.inline import DECLARED_BUDGET, InlinePolicy
+from framework.inline import DECLARED_BUDGET, DEFAULT_WAIT_BUDGET, InlinePolicy
 from framework.packaging import Loaded
 from framework.protocol import Binder, Call, error_text
 from framework.threads import Lane
@@ -33,14 +33,17 @@ log = logging.getLogger("framework.runtime")
 
 # What a deployment may raise and still get an answer: SystemExit and
 # KeyboardInterrupt from user code are its failures, not the server's. Not
-# BaseException, so asyncio's CancelledError still ends timed-out calls.
+# BaseException in async code, so asyncio's CancelledError still ends timed-out
+# calls; sync code cannot be cancelled, so whatever it raises is its failure.
 USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+SYNC_ERRORS = BaseException
 _ARG = itemgetter(1)
 _ARGS = itemgetter(slice(1, None))
 
 
 class Runner:
-    def __init__(self, loaded: Loaded, *, threads: int, inline_budget: float = 0.0) -> None:
+    def __init__(self, loaded: Loaded, *, threads: int, inline_budget: float = 0.0,
+                 wait_budget: float = DEFAULT_WAIT_BUDGET) -> None:
         m = loaded.manifest
         self.fn = loaded.fn
         self.manifest = m
@@ -51,7 +54,7 @@ class Runner:
         options = m.get("options") or {}
         # The server's budget applies to every version; @deployment(inline=True) opts one in.
         declared = DECLARED_BUDGET if options.get("inline") else 0.0
-        self.policy = InlinePolicy(self.label, inline_budget or declared)
+        self.policy = InlinePolicy(self.label, inline_budget or declared, wait_budget)
         self.batcher: Batcher | None = None
         if options.get("vectorized"):
             self.signature = inspect.signature(self.fn)
@@ -94,7 +97,7 @@ class Runner:
                     break
                 # map() ends early when a row raises StopIteration.
                 failed[len(results)] = self._failed(StopIteration(), rows[len(results)][0])
-            except USER_ERRORS as exc:  # every row runs, whatever the others do
+            except SYNC_ERRORS as exc:  # every row runs, whatever the others do
                 failed[len(results)] = self._failed(exc, rows[len(results)][0])
             results.append(None)
         return results, failed
@@ -103,7 +106,7 @@ class Runner:
         try:
             args, kwargs = self.binder.single(data)
             return True, self.fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except SYNC_ERRORS as exc:
             return False, self._failed(exc)
 
     # -- where a sync call runs -------------------------------------------------
@@ -115,11 +118,15 @@ class Runner:
         if policy.cheap(rows):
             if policy.on_loop:
                 return policy.inline(work, arg, rows)
-            handoff = self.lane.call(policy.timed, work, arg, rows, wait=policy.wait)
+            wait = policy.wait if timeout is None else min(policy.wait, timeout)
+            handoff = self.lane.call(policy.timed, work, arg, rows, wait=wait)
+            if handoff.future is None:  # done while the loop waited, within any time limit
+                policy.clean()
+                return handoff.result()
+            if handoff.overran:
+                policy.overran(rows)
         else:
             handoff = self.lane.call(policy.timed, work, arg, rows)
-        if handoff.future is None:  # done while the loop waited: no time limit can have passed
-            return handoff.result()
         return await (handoff.future if timeout is None else self._limit(handoff.future, timeout))
 
     async def _limit(self, work: Awaitable[Any], timeout: float) -> Any:
@@ -183,7 +190,7 @@ class Runner:
         n = len(columns[0])
         try:
             return self._vector_result(self.fn(*columns), n)
-        except USER_ERRORS as exc:
+        except SYNC_ERRORS as exc:
             return False, self._failed(exc)
 
     def _vector_result(self, out: Any, n: int) -> Outcome:

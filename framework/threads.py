@@ -33,7 +33,7 @@ IDLE_EXIT_S = 30.0
 class Handoff:
     """One call handed to a lane: finished (`future` is None) or still running."""
 
-    __slots__ = ("fn", "args", "future", "waiter", "ok", "value")
+    __slots__ = ("fn", "args", "future", "waiter", "ok", "value", "overran")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
@@ -42,6 +42,7 @@ class Handoff:
         self.waiter: Any = None  # a held lock the caller waits on, while it waits
         self.ok: bool | None = None  # None until the call has run
         self.value: Any = None
+        self.overran = False  # the caller waited the whole time it was given
 
     def result(self) -> Any:
         if self.ok:
@@ -59,28 +60,35 @@ class Lane:
         self._threads = 0
         self._waiting = 0  # threads waiting for a call, or about to
         self._drain_pending = False
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def call(self, fn: Callable[..., Any], *args: Any, wait: float = 0.0) -> Handoff:
         """`fn(*args)` on one of the lane's threads, the loop blocked up to `wait` s for it.
 
         Returns the handoff: `.result()` if it finished within `wait`, else
-        `.future` to await.
+        `.future` to await. The loop does not wait when no thread is free.
         """
         handoff = Handoff(fn, args)
-        loop = self._loop = asyncio.get_running_loop()
-        if wait <= 0:
+        loop = asyncio.get_running_loop()
+        if wait > 0:
+            handoff.waiter = threading.Lock()
+            handoff.waiter.acquire()
+        else:
             handoff.future = loop.create_future()
-            self._submit(handoff)
-            return handoff
-        handoff.waiter = waiter = threading.Lock()
-        waiter.acquire()
-        self._submit(handoff)
-        if not waiter.acquire(timeout=wait):
-            with self._lock:  # overran: from now on the thread answers through a future
-                if handoff.ok is None:
-                    handoff.waiter = None
-                    handoff.future = loop.create_future()
+        try:
+            free = self._submit(handoff)
+        except RuntimeError:
+            handoff.waiter = None
+            handoff.future = handoff.future or loop.create_future()
+            handoff.future.cancel()  # never run it: its caller gets the error
+            raise
+        if handoff.waiter is not None:
+            done = free and handoff.waiter.acquire(timeout=wait)
+            if not done:
+                with self._lock:  # from now on the thread answers through a future
+                    if handoff.ok is None:
+                        handoff.waiter = None
+                        handoff.future = loop.create_future()
+                        handoff.overran = free
         return handoff
 
     def close(self) -> None:
@@ -88,15 +96,39 @@ class Lane:
         for _ in range(self.size):
             self._calls.put(None)
 
-    def _submit(self, handoff: Handoff) -> None:
+    def _submit(self, handoff: Handoff) -> bool:
+        """Queue `handoff`; whether a thread is free to take it at once."""
         self._calls.put(handoff)
         with self._lock:
-            if self._calls.qsize() <= self._waiting or self._threads >= self.size:
-                return  # a waiting thread takes it, or it queues behind the running ones
-            self._threads += 1
-            self._waiting += 1
-            number = self._threads
-        threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True).start()
+            if self._calls.qsize() <= self._waiting:
+                return True
+            number = self._reserve()
+        if not number:
+            return False  # it queues behind the running calls
+        if self._start(number):
+            return True
+        if self._threads:
+            return False
+        raise RuntimeError(f"cannot start a thread for {self.name}; the system is out of threads")
+
+    def _reserve(self) -> int:
+        """With the lock held: count in one more thread if calls are queued beyond
+        the waiting threads and there is room; its number, else 0."""
+        if self._calls.qsize() <= self._waiting or self._threads >= self.size:
+            return 0
+        self._threads += 1
+        self._waiting += 1
+        return self._threads
+
+    def _start(self, number: int) -> bool:
+        try:
+            threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True).start()
+            return True
+        except RuntimeError:  # can't start new thread
+            with self._lock:
+                self._threads -= 1
+                self._waiting -= 1
+            return False
 
     def _work(self) -> None:
         while True:
@@ -113,11 +145,18 @@ class Lane:
                 return
             with self._lock:
                 self._waiting -= 1
+                # A call queued while this thread was taking its own must not wait behind it.
+                number = self._reserve()
+            if number:
+                self._start(number)
             if handoff.future is None or not handoff.future.cancelled():  # else its caller gave up
                 try:
                     value, ok = handoff.fn(*handoff.args), True
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises
                     value, ok = exc, False
+                    if isinstance(exc, StopIteration):  # asyncio refuses it as a future's exception
+                        value = RuntimeError(f"{self.name} call raised StopIteration")
+                        value.__cause__ = exc
                 self._answer(handoff, ok, value)
             with self._lock:
                 self._waiting += 1
@@ -132,11 +171,14 @@ class Lane:
             if self._drain_pending:
                 return
             self._drain_pending = True
-        assert self._loop is not None
+            assert handoff.future is not None
+            loop = handoff.future.get_loop()
         try:
-            self._loop.call_soon_threadsafe(self._drain)
+            loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop has closed: nobody is waiting any more
-            pass
+            with self._lock:
+                self._drain_pending = False
+                self._results.clear()
 
     def _drain(self) -> None:
         with self._lock:
@@ -145,7 +187,8 @@ class Lane:
             self._results.clear()
         for handoff in done:
             future = handoff.future
-            if future is None or future.cancelled():
+            assert future is not None
+            if future.cancelled():
                 continue
             if handoff.ok:
                 future.set_result(handoff.value)

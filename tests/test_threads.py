@@ -170,3 +170,134 @@ def test_a_call_measured_cheap_that_turns_slow_holds_the_loop_only_briefly() -> 
         runner.close()
     assert ticked < 1.0, f"the loop was held {ticked:.2f} s"
     assert timed_out
+
+
+def test_a_zero_wait_budget_sends_every_call_to_the_threads_without_waiting() -> None:
+    runner = Runner(Loaded(lambda x: _name(), {"name": "n", "version": 1, "branch": "main"}),
+                    threads=2, wait_budget=0)
+
+    async def go() -> list[bytes]:
+        return [(await runner.run(parse(b'{"data": 1}'), 5))[1] for _ in range(8)]
+
+    try:
+        answers = asyncio.run(go())
+    finally:
+        runner.close()
+    assert all(b"MainThread" not in a for a in answers)
+    assert runner.policy.timed_calls == 8 and not runner.policy.cheap(1)
+
+
+def test_the_loop_does_not_wait_when_no_thread_is_free() -> None:
+    release = threading.Event()
+
+    async def body(lane: threads.Lane) -> tuple[float, str]:
+        blocked = lane.call(release.wait, 10).future
+        start = time.perf_counter()
+        queued = lane.call(_name, wait=5.0)
+        held = time.perf_counter() - start
+        assert queued.future is not None and not queued.overran
+        release.set()
+        await blocked
+        return held, await queued.future
+
+    held, name = _run(body, size=1)
+    assert held < 1.0 and name.startswith("test-")
+
+
+class _SlowTake:
+    """A queue whose get() pauses after taking an item: the moment a thread has
+    taken a call but not yet counted itself busy, widened from microseconds."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def put(self, item: Any) -> None:
+        self.queue.put(item)
+
+    def qsize(self) -> int:
+        return self.queue.qsize()
+
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+    def get(self, timeout: float | None = None) -> Any:
+        item = self.queue.get(timeout=timeout)
+        time.sleep(0.05)
+        return item
+
+
+def test_a_call_queued_while_a_thread_takes_its_own_gets_a_thread_of_its_own() -> None:
+    release = threading.Event()
+
+    async def body(lane: threads.Lane) -> str:
+        lane._calls = _SlowTake(lane._calls)  # type: ignore[assignment]
+        blocked = lane.call(release.wait, 10).future
+        await asyncio.sleep(0.01)  # the thread has taken it, and not yet counted itself busy
+        second = lane.call(lambda: "second").future
+        try:
+            return await asyncio.wait_for(asyncio.shield(second), 5)
+        finally:
+            release.set()
+            await blocked
+
+    assert _run(body, size=2) == "second"
+
+
+def test_stop_iteration_from_a_call_reaches_its_caller_and_spares_the_others() -> None:
+    def stops() -> None:
+        raise StopIteration
+
+    async def body(lane: threads.Lane) -> list[Any]:
+        futures = [lane.call(stops).future, lane.call(_name).future]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    failed, name = _run(body)
+    assert isinstance(failed, RuntimeError) and isinstance(failed.__cause__, StopIteration)
+    assert name.startswith("test-")
+
+
+def test_a_version_whose_calls_sometimes_block_is_waited_for_only_a_few_times() -> None:
+    naps = iter([0.05, 0] * 15)
+
+    def sometimes(x: Any) -> Any:
+        time.sleep(next(naps, 0))
+        return x
+
+    runner = Runner(Loaded(sometimes, {"name": "sometimes", "version": 1, "branch": "main"}), threads=2)
+    overruns = 0
+    overran = runner.policy.overran
+
+    def counting(rows: int) -> None:
+        nonlocal overruns
+        overruns += 1
+        overran(rows)
+
+    runner.policy.overran = counting  # type: ignore[method-assign]
+
+    async def go() -> None:
+        for _ in range(30):
+            await runner.run(parse(b'{"data": 1}'), 5)
+
+    try:
+        asyncio.run(go())
+    finally:
+        runner.close()
+    assert 1 <= overruns <= 3
+    assert not runner.policy.cheap(1)
+
+
+@pytest.mark.parametrize("error", [asyncio.CancelledError, GeneratorExit, KeyboardInterrupt])
+def test_whatever_sync_code_raises_is_its_rows_failure(error: type[BaseException]) -> None:
+    def fails_on_two(x: int) -> int:
+        if x == 2:
+            raise error()
+        return x
+
+    runner = Runner(Loaded(fails_on_two, {"name": "f", "version": 1, "branch": "main"}), threads=2)
+    body = b'{"data": [[1, 1], [2, 2]], "partial": true}'
+    try:
+        status, answer = asyncio.run(runner.run(parse(body), 5))
+    finally:
+        runner.close()
+    assert status == 200
+    assert answer.startswith(b'{"data":[[1,1]],"errors":[[2,"') and error.__name__.encode() in answer
