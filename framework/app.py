@@ -185,9 +185,10 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     # Outermost first: the observer also sees (and logs) the answers of the key check.
     ring = auth.KeyRing(rt.store, required=s["require_api_keys"])
     middleware = [Middleware(auth.AuthMiddleware, ring=ring, on_error=error_response)]
-    if metrics is not None or s["access_log"]:
+    access = observe.AccessLog() if s["access_log"] else None
+    if metrics is not None or access is not None:
         middleware.insert(0, Middleware(observe.ObserveMiddleware, metrics=metrics,
-                                        log_requests=s["access_log"], log_payloads=s["log_payloads"]))
+                                        log=access, log_payloads=s["log_payloads"]))
 
     async def on_framework_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, FrameworkError)
@@ -217,6 +218,8 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         rt.versions.close()
+        if access is not None:
+            access.flush()
 
     # Inference first: routes are tried in order, and a GET on the same path still finds
     # its own route further down.

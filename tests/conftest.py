@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -66,8 +66,19 @@ class Server:
         raise AssertionError(f"server did not answer /healthz within 30 s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # closed once the server has stopped
+            self._log.flush()
         return self.log.read_text()
+
+    def output_once(self, ready: Callable[[str], bool], timeout: float = 10) -> str:
+        """The output once `ready(output)` holds: access-log lines are written in
+        batches, within 50 ms of their request (bounded: fails after `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        while not ready(text := self.output()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server log never became ready:\n{text[-3000:]}")
+            time.sleep(0.02)
+        return text
 
     def post(self, path: str, body: bytes | str | dict, **kw) -> httpx.Response:
         if isinstance(body, dict):

@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -62,8 +62,12 @@ def sample(metrics: dict, name: str, **labels: str) -> float:
     return metrics.get((name, frozenset(labels.items())), 0.0)
 
 
-def log_lines(server: Server) -> list[dict]:
-    return [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+def log_lines(server: Server, ready: Callable[[list[dict]], bool] = lambda lines: True) -> list[dict]:
+    """The access-log lines, once `ready(lines)` holds (they are written in batches)."""
+    def parsed(text: str) -> list[dict]:
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    return parsed(server.output_once(lambda text: ready(parsed(text))))
 
 
 # -- metrics and logs -----------------------------------------------------------------
@@ -95,7 +99,10 @@ def test_metrics_count_requests_rows_errors_and_latency(server):
     assert sample(m, "framework_loaded_versions", **fon) == 1
     assert ("framework_requests_in_flight", frozenset()) in m
 
-    lines = [line for line in log_lines(server) if line["deployment"] == "fails_on_negative"]
+    def ours(lines: list[dict]) -> list[dict]:
+        return [line for line in lines if line["deployment"] == "fails_on_negative"]
+
+    lines = ours(log_lines(server, lambda lines: len(ours(lines)) >= 4))
     assert [(line["status"], line["rows"], line["row_errors"], line["error"]) for line in lines] == [
         (200, 3, 0, None), (422, 3, 2, "RowsFailed"), (200, 2, 1, None), (422, 1, 1, "DeploymentFailed")]
     assert all(line["version"] == 1 and line["branch"] == "main" and line["duration_ms"] > 0
@@ -119,6 +126,16 @@ def test_payloads_are_logged_only_when_asked(tmp_path, faulty_store):
         loud.stop()
     [line] = [entry for entry in log_lines(loud) if entry["path"] == "/v1/echo/latest"]
     assert marker in line["request_body"] and marker in line["response_body"]
+
+
+def test_log_lines_written_in_batches_are_all_written(faulty_store):
+    server = Server(faulty_store, cwd=SAMPLE)
+    try:
+        for i in range(20):  # back to back: most lines wait for the next batched write
+            assert server.post("/v1/echo/latest", {"data": i}).status_code == 200
+    finally:
+        server.stop()
+    assert len([line for line in log_lines(server) if line["path"] == "/v1/echo/latest"]) == 20
 
 
 def test_metrics_and_logs_can_be_turned_off(tmp_path, faulty_store):

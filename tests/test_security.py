@@ -111,7 +111,7 @@ def test_api_keys_on_a_running_server(keyed):
     assert status(server, "/v1/example_doubler/latest", body=call) == 401
 
     stored = (store / "keys.json").read_text()
-    log = server.output()
+    log = server.output_once(lambda text: f'"key_id":"{key_id}"' in text)
     for secret in (key, limited):
         assert secret not in stored and secret not in log
     assert hashlib.sha256(key.encode()).hexdigest() in stored
