@@ -6,8 +6,10 @@ waited), calls expected to fit that budget are handed to a thread while the
 event loop waits for them, blocked for at most `wait` seconds: nearly as fast
 as running them on the loop, with no second wake-up, yet a call that turns
 out slow (whatever its input) costs the loop no more than `wait`, then
-finishes on its own under its time limit. Other calls go to the threads and
-the loop moves on at once.
+finishes on its own under its time limit. Such calls are timed by their wall
+time alone, which is what the loop waits for. Other calls go to the threads
+and the loop moves on at once. A waited call that overruns is a strike, as
+below.
 
 Running calls inline on the event loop itself saves the handoff too, but a
 slow one then stalls the whole server past every time limit; it is opt-in
@@ -86,6 +88,15 @@ class InlinePolicy:
         cost = self.row_cost
         self.row_cost = per_row if per_row > cost else 0.9 * cost + 0.1 * per_row
         self.timed_calls += 1
+
+    def waited(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
+        """`work(arg)` on a thread while the loop waits: its wall time is all that
+        counts (the loop waits through CPU and I/O alike), and the loop waits on
+        the CPU-time syscalls `timed` makes."""
+        wall = time.perf_counter()
+        out = work(arg)
+        self._learn((time.perf_counter() - wall) / max(rows, 1))
+        return out
 
     def timed(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
         """`work(arg)` timed, on one of the version's threads."""

@@ -119,7 +119,7 @@ class Runner:
             if policy.on_loop:
                 return policy.inline(work, arg, rows)
             wait = policy.wait if timeout is None else min(policy.wait, timeout)
-            handoff = self.lane.call(policy.timed, work, arg, rows, wait=wait)
+            handoff = self.lane.call(policy.waited, work, arg, rows, wait=wait)
             if handoff.future is None:  # done while the loop waited, within any time limit
                 policy.clean()
                 return handoff.result()
