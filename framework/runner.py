@@ -112,10 +112,10 @@ class Runner:
     # -- where a sync call runs -------------------------------------------------
 
     async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int,
-                    timeout: float | None) -> Any:
+                    timeout: float | None, may_wait: bool = True) -> Any:
         """`work(arg)` where `framework.inline` places it; `timeout` bounds the wait, if given."""
         policy = self.policy
-        if policy.cheap(rows):
+        if may_wait and policy.cheap(rows):
             if policy.on_loop:
                 return policy.inline(work, arg, rows)
             wait = policy.wait if timeout is None else min(policy.wait, timeout)
@@ -184,7 +184,12 @@ class Runner:
                 return self._vector_result(await self.fn(*columns), len(rows))
             except USER_ERRORS as exc:
                 return False, self._failed(exc)
-        return await self._sync(self._vector_sync, columns, len(rows), None)  # bounded by the caller's limit
+        # A small call leaves the loop free while it runs, for requests to gather for
+        # the next one; waiting for it had cancelled micro-batching's gain.
+        assert self.batcher is not None
+        big = 2 * len(rows) >= self.batcher.max_rows
+        # No time limit here: the caller's bounds the whole batch.
+        return await self._sync(self._vector_sync, columns, len(rows), None, may_wait=big)
 
     def _vector_sync(self, columns: list[list[Any]]) -> Outcome:
         n = len(columns[0])
