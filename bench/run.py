@@ -101,7 +101,8 @@ def start(label: str, store_dir: Path, workers: int = 1, config: Path | None = N
     return servers.ours(port, store_dir, "/v1/doubler/latest", SINGLE, workers=workers, config=config)
 
 
-VARIANTS = {"quiet": "metrics: false, access_log: false", "inline": "inline_budget_ms: 1"}
+VARIANTS = {"quiet": "metrics: false, access_log: false", "nowait": "wait_budget_ms: 0",
+            "inline": "inline_budget_ms: 1"}
 
 
 def one_pass(n: int, args: argparse.Namespace, store_dir: Path,
@@ -168,6 +169,10 @@ def table(bare: dict[str, list[float]], ours: dict[str, list[float]], versions: 
         target, met = ("<= 1.3", r <= 1.3) if q == "p99" else ("", None)
         lines.append(row(f"{q} latency, single-row batch, ms", num(b[f"single_{q}"]),
                          num(o[f"single_{q}"]), f"{r:.2f}", target, met))
+    for suffix, settings in VARIANTS.items():
+        r = o[f"single_{suffix}_p99"] / b["single_p99"]
+        lines.append(row(f"p99 latency, single-row batch, `{settings}`, ms", num(b["single_p99"]),
+                         num(o[f"single_{suffix}_p99"]), f"{r:.2f}", "", None))
     lines.append(row("RSS after load, MB", num(b["rss"]), num(o["rss"]), f"{o['rss'] / b['rss']:.2f}",
                      "< 80 MB", o["rss"] < 80))
     lines.append(row(f"start to first answer, s ({versions} versions stored)", num(b["start"]),
@@ -195,46 +200,53 @@ NOTES = """## How to read it
 - wrk and the server share the machine's cores, so compare ratios within one
   run, not absolute figures across runs. On a shared machine the ratios of
   the single-row cases move by about 0.1 from run to run.
+- Both servers run uvicorn with httptools and uvloop (what `uvicorn[standard]`
+  adds); the bare app is the floor of any framework's cost on that stack.
 - The main rows run ours with its defaults: metrics and the access log on,
-  and every sync call on its version's threads (`inline_budget_ms: 0`). The
-  rows with settings in backquotes show what the metrics and log cost, and
-  what opting in to inline running of calls measured cheap gains (the thread
-  hop is most of what is left between ours and the bare app for one row).
-  Inline running is off by default because a function whose cost depends on
-  its input can be measured cheap and then stall the whole server, past its
-  time limit; the bare app has that flaw for every request.
-- Large batches: ours runs them on the version's threads, where they compete
-  with the event loop for the GIL; the bare app runs everything on the loop,
-  stalling other requests meanwhile.
-  These rows also move most between runs (the bare app's 1,000-row figure
-  was 560k, 580k and 750k rows/s in three runs the same morning).
+  every sync call on its version's threads, and the event loop waiting (at
+  most 4 ms) for calls measured under 2 ms of CPU time
+  (`wait_budget_ms: 2`). The rows with settings in backquotes show what the
+  metrics and log cost, what the waiting gains over handing every call to the
+  threads and moving on (`wait_budget_ms: 0`, the earlier behaviour), and what
+  running calls measured cheap on the event loop itself gains
+  (`inline_budget_ms: 1`, opt-in; `@deployment(inline=True)` does the same for
+  one deployment). What is left between the default and the inline rows is
+  the thread handoff itself: in CPython the loop thread and the call's thread
+  trade the GIL, several context switches per call. Inline running is off by
+  default because a function whose cost depends on its input can be measured
+  cheap and then stall the whole server, past its time limit; the bare app
+  has that flaw for every request.
+- Large batches: once measured, a call expected to fit the wait budget runs
+  while the loop waits, with no contention for the GIL; a longer one runs on
+  its thread while the loop serves other requests, and the two share the GIL.
+  The bare app runs everything on the loop, stalling other requests
+  meanwhile. These rows move most between runs.
 - The model (`bench/models.py`) is a float32 MLP over four standardized
   features with four hidden layers of 64 units: about 25 us per one-row call,
-  mostly numpy's per-call overhead, and about 1.3 ms per 1,000-row call. Its
+  mostly numpy's per-call overhead, and about 1.4 ms per 1,000-row call. Its
   row-by-row cost dominates the framework's own, which makes it a fair test
   of vectorizing; a cheaper model would measure JSON parsing instead. The
   vectorized figure is bounded by what every row costs around the model
-  (HTTP and JSON parsing, ids, the answer's encoding: about 4 us per row on
-  this machine), so the end-to-end gain is well under the model's own
-  (about 20x in-process).
-- Micro-batching gathers concurrent requests into one call (64 rows per
-  call with 64 waiting clients, measured in-process; `max_wait_ms=0`: requests queue up on their
-  own while a call runs, and a wait would only add latency), but each
-  request still pays its own HTTP and JSON cost (about 200 us here), far
-  more than the 25 us of model time it saves; the gain shows with models
-  whose per-call cost is larger.
+  (HTTP and JSON parsing, ids, the answer's encoding), so the end-to-end gain
+  is well under the model's own (about 25x in-process).
+- Micro-batching gathers concurrent requests into one call (`max_wait_ms=0`:
+  requests queue up on their own while a call runs, and a wait would only add
+  latency), but each request still pays its own HTTP and JSON cost, several
+  times the 25 us of model time it saves; the gain shows with models whose
+  per-call cost is larger.
 - The workers rows use one wrk thread: two workers and a two-thread wrk
-  would need four cores. Before the fix in `framework/server.py`, 2 workers
-  answered about 350 requests/s because uvicorn's `--workers` mode left
-  Nagle's algorithm on (each answer waited ~40 ms for a delayed ACK); the
-  bare app runs with the same fix. On 2 cores shared with wrk, neither app
-  gains from a second worker: the cores are already busy.
+  would need four cores. Both servers set TCP_NODELAY on every connection
+  (`framework/server.py`): uvicorn's `--workers` mode leaves Nagle's
+  algorithm on, and each answer then waited ~40 ms for a delayed ACK. On 2
+  cores shared with wrk, neither app gains much from a second worker: the
+  cores are already busy.
 """
 
 
 def machine() -> str:
     libs = ", ".join(f"{d} {importlib.metadata.version(d)}"
-                     for d in ("starlette", "uvicorn", "orjson", "numpy", "cloudpickle"))
+                     for d in ("starlette", "uvicorn", "httptools", "uvloop", "orjson", "numpy",
+                               "cloudpickle"))
     return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {libs}; "
             f"load generator: {load.generator()}")
