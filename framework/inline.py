@@ -34,12 +34,14 @@ import resource
 import time
 from typing import Any, Callable
 
+from framework.config import SERVER_DEFAULTS
+
 log = logging.getLogger("framework.runtime")
 
 # The budget of a deployment declared `@deployment(inline=True)` on a server
 # whose own `inline_budget_ms` is 0 (the default).
 DECLARED_BUDGET = 0.001
-DEFAULT_WAIT_BUDGET = 0.002  # `server.wait_budget_ms`
+DEFAULT_WAIT_BUDGET = SERVER_DEFAULTS["wait_budget_ms"] / 1000
 # How long the loop waits, at most, for a call expected to take `budget`: room
 # for an estimate a little low, and still a fraction of a small request's latency.
 WAIT_FACTOR = 2.0
