@@ -13,7 +13,6 @@ the sha256 (and the signature, when a key is set) and the Python version
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import inspect
 import io
 import logging
@@ -168,6 +167,8 @@ def _captured(fn: Callable[..., Any]) -> dict[str, Any]:
 
 def detected_requirements(fn: Callable[..., Any], by_value: list[str]) -> dict[str, str]:
     """Installed distributions whose modules the function (or its project modules) uses."""
+    import importlib.metadata  # here, not at the top: 25 ms of every server start
+
     dists = importlib.metadata.packages_distributions()
     tops: set[str] = set()
     values = list(_captured(fn).values())
@@ -311,6 +312,8 @@ def check(artifact: bytes, manifest: dict[str, Any]) -> None:
     if built != here:
         log.warning("%s was built with Python %s, running on %s", where, built, here)
     for dist, version in (manifest.get("requirements") or {}).get("detected", {}).items():
+        import importlib.metadata  # only for versions that record requirements
+
         try:
             have = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
