@@ -33,7 +33,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # thread. Off by default: a call whose cost depends on its input can then stall
     # the server and run past its time limit (see README "Performance").
     "inline_budget_ms": 0.0,
-    # Sync calls measured under this much CPU time run on their thread while the
+    # Sync calls measured under this much time each run on their thread while the
     # event loop waits for them (at most twice this): no second wake-up, no GIL
     # contention. 0: the loop never waits (see README "Performance").
     "wait_budget_ms": 2.0,
