@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from framework import config as cfgmod
-from framework import auth, encoding, observe, openapi, protocol, signing
+from framework import auth, encoding, observe, openapi, preempt, protocol, signing
 from framework.cache import VersionCache
 from framework.errors import (
     BadRequest,
@@ -216,6 +216,10 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Here, on the event loop's thread: signals reach Python code on the main thread only.
+        rt.versions.watchdog = preempt.install()
+        if rt.versions.watchdog is None:
+            log.info("the event loop is not on the main thread: no calls run on it")
         yield
         rt.versions.close()
         if access is not None:

@@ -28,6 +28,7 @@ from framework.errors import (
     NotFound,
 )
 from framework.inline import DEFAULT_WAIT_BUDGET
+from framework.preempt import Watchdog
 from framework.protocol import error_text
 from framework.runner import Runner
 from framework.store import Store, check_branch
@@ -47,6 +48,7 @@ class VersionCache:
         self.inline_budget = inline_budget
         self.wait_budget = wait_budget
         self.ttl = ttl
+        self.watchdog: Watchdog | None = None  # set at startup, on the event loop's thread
         self._refreshing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._loaded: OrderedDict[Key, Runner] = OrderedDict()
@@ -134,7 +136,7 @@ class VersionCache:
                 f"(`framework rollback {name}`):\n{error_text(exc)}"
             ) from exc
         return Runner(loaded, threads=self.threads, inline_budget=self.inline_budget,
-                      wait_budget=self.wait_budget)
+                      wait_budget=self.wait_budget, watchdog=self.watchdog)
 
     def loaded(self) -> list[dict[str, Any]]:
         return [{"branch": b, "name": n, "version": v} for b, n, v in self._loaded]

@@ -29,13 +29,13 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "timeout_seconds": 300.0,
     "cache_size": 64,
     "threads_per_version": 8,
-    # Sync calls measured under this much CPU time may run on the event loop, not a
-    # thread. Off by default: a call whose cost depends on its input can then stall
-    # the server and run past its time limit (see README "Performance").
-    "inline_budget_ms": 0.0,
-    # Sync calls measured under this much time each run on their thread while the
-    # event loop waits for them (at most twice this): no second wake-up, no GIL
-    # contention. 0: the loop never waits (see README "Performance").
+    # Sync calls measured under this much CPU time run on the event loop, not a thread;
+    # one that uses twice this is stopped and run again on a thread. 0: none do
+    # (see README "Performance").
+    "inline_budget_ms": 1.0,
+    # Where calls cannot run on the loop (or inline_budget_ms is 0), those measured
+    # under this much time each run on their thread while the event loop waits for
+    # them (at most twice this). 0: the loop never waits.
     "wait_budget_ms": 2.0,
     "debug": False,
     # Operations and security (README "Operations and security").

@@ -1,22 +1,22 @@
-"""Where a sync call runs: on its version's threads, with or without the loop waiting for it.
+"""Where a sync call runs: on the event loop itself, or on its version's threads.
 
-Every sync call is timed on the thread that runs it. Once a version's calls
-have been found cheap (CPU time under `budget` per call, calls that hardly
-waited), calls expected to fit that budget are handed to a thread while the
-event loop waits for them, blocked for at most `wait` seconds: nearly as fast
-as running them on the loop, with no second wake-up, yet a call that turns
-out slow (whatever its input) costs the loop no more than `wait`, then
-finishes on its own under its time limit. Such calls are timed by their wall
-time alone, which is what the loop waits for. Other calls go to the threads
-and the loop moves on at once. A waited call that overruns is a strike, as
-below.
+Every version's first calls run on its threads, timed. Once its calls have
+been found cheap (CPU time under `budget` per call, calls that hardly
+waited), calls expected to fit that budget run on the event loop itself:
+the fastest way to answer, since handing a call to a thread and back costs
+more than a cheap call. A call there that uses more than `wait` of CPU time
+(twice the budget) is stopped by the watchdog (`framework.preempt`), run
+again on the threads, and counts as a strike. Other calls go to the threads
+and the loop moves on at once.
 
-Running calls inline on the event loop itself saves the handoff too, but a
-slow one then stalls the whole server past every time limit; it is opt-in
-(`server.inline_budget_ms`, `@deployment(inline=True)`). An inline call that
-overruns the budget, or waits (sleep, I/O), sends its version back to its
-threads until it is measured cheap again; the third such call within
-`OVERRUN_WINDOW` inline calls keeps it there.
+Where no watchdog can run (the loop is not on the main thread), or with
+`server.inline_budget_ms: 0`, calls measured cheap go to a thread while the
+loop waits for them, blocked for at most `wait`: no second wake-up, yet a
+call that turns out slow costs the loop no more than the wait, then finishes
+on its own under its time limit. A waited call that overruns is a strike.
+
+A struck version goes back to its threads until measured cheap again; the
+`MAX_OVERRUNS`th strike within `OVERRUN_WINDOW` calls keeps it there.
 
 Only waits the thread chose count (voluntary context switches): under load
 the OS takes the CPU away from any call, which says nothing about the
@@ -35,11 +35,12 @@ import time
 from typing import Any, Callable
 
 from framework.config import SERVER_DEFAULTS
+from framework.preempt import Watchdog
 
 log = logging.getLogger("framework.runtime")
 
 # The budget of a deployment declared `@deployment(inline=True)` on a server
-# whose own `inline_budget_ms` is 0 (the default).
+# whose own `inline_budget_ms` is 0.
 DECLARED_BUDGET = 0.001
 DEFAULT_WAIT_BUDGET = SERVER_DEFAULTS["wait_budget_ms"] / 1000
 # How long the loop waits, at most, for a call expected to take `budget`: room
@@ -66,11 +67,13 @@ def _usage() -> tuple[float, int]:
 class InlinePolicy:
     """One version's cost estimate, and the decision it drives."""
 
-    def __init__(self, label: str, inline_budget: float, wait_budget: float) -> None:
-        """Calls measured cheap run on the event loop itself if `inline_budget` > 0,
-        else on a thread with the loop waiting, if `wait_budget` > 0."""
+    def __init__(self, label: str, inline_budget: float, wait_budget: float,
+                 watchdog: Watchdog | None = None) -> None:
+        """Calls measured cheap run on the event loop itself if `inline_budget` > 0 and
+        a watchdog can stop them, else on a thread with the loop waiting, if `wait_budget` > 0."""
         self.label = label
-        self.on_loop = inline_budget > 0
+        self.watchdog = watchdog if inline_budget > 0 else None
+        self.on_loop = self.watchdog is not None
         self.budget = inline_budget if self.on_loop else wait_budget
         self.wait = WAIT_FACTOR * self.budget
         # CPU seconds per row, a cautious estimate (rises at once, falls slowly);
@@ -114,21 +117,14 @@ class InlinePolicy:
         return out
 
     def inline(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
-        """`work(arg)` on the event loop; a call over budget is looked at closely."""
-        cpu, switches = _usage()
+        """`work(arg)` on the event loop; raises `Preempted` if it uses more than the wait."""
+        assert self.watchdog is not None
         wall = time.perf_counter()
-        out = work(arg)
+        out = self.watchdog.run(work, arg, self.wait)
         wall = time.perf_counter() - wall
-        if wall <= self.budget:  # then CPU time and waits are within budget too
-            self._learn(wall / max(rows, 1))
-            self.clean()
-            return out
-        end_cpu, end_switches = _usage()
-        cpu = end_cpu - cpu
-        self._learn(cpu / max(rows, 1))
-        blocked = wall - cpu > self.budget and (_RUSAGE_THREAD is None or end_switches != switches)
-        if cpu > 4 * self.budget or blocked:  # costlier than measured, or blocking
-            self._strike(wall, rows, f"took {wall * 1e3:.1f} ms on the event loop")
+        # Over budget, the CPU time decides: the OS may have taken the CPU away meanwhile.
+        self._learn((wall if wall <= self.budget else time.thread_time() - self.watchdog.cpu0) / max(rows, 1))
+        self.clean()
         return out
 
     def clean(self) -> None:
@@ -138,8 +134,9 @@ class InlinePolicy:
             self.overruns = 0
 
     def overran(self, rows: int) -> None:
-        """A call the loop waited for was not done within the wait."""
-        self._strike(self.wait, rows, f"ran past the {self.wait * 1e3:g} ms the event loop waits")
+        """A call the loop waited for was not done within the wait, or one on the loop was stopped."""
+        self._strike(self.wait, rows, f"was stopped on the event loop after {self.wait * 1e3:g} ms of CPU time"
+                     if self.on_loop else f"ran past the {self.wait * 1e3:g} ms the event loop waits")
 
     def _strike(self, wall: float, rows: int, what: str) -> None:
         """Not cheap for a while; the `MAX_OVERRUNS`th strike in a window, for good."""

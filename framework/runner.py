@@ -4,9 +4,9 @@ Where a call runs:
 - `async def` functions are awaited on the event loop.
 - Sync functions run on threads owned by the version (`framework.threads`),
   a whole batch in one hop: a deployment that blocks uses up only its own
-  threads, and time limits still fire. For calls measured cheap the event
-  loop waits a bounded time for the answer instead of moving on; opted-in
-  versions run them on the loop itself (`framework.inline` decides).
+  threads, and time limits still fire. Calls measured cheap run on the
+  event loop itself, where a watchdog stops any that overruns
+  (`framework.inline` decides, `framework.preempt` stops).
 - Vectorized functions (`@deployment(vectorized=True)`) get every row of a
   call at once, one list per parameter; concurrent requests are gathered into
   such calls by `framework.batching.Batcher`.
@@ -26,6 +26,7 @@ from framework.batching import Batcher, Outcome
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
 from framework.inline import DECLARED_BUDGET, DEFAULT_WAIT_BUDGET, InlinePolicy
 from framework.packaging import Loaded
+from framework.preempt import Preempted, Watchdog
 from framework.protocol import Binder, Call, error_text
 from framework.threads import Lane
 
@@ -34,7 +35,8 @@ log = logging.getLogger("framework.runtime")
 # What a deployment may raise and still get an answer: SystemExit and
 # KeyboardInterrupt from user code are its failures, not the server's. Not
 # BaseException in async code, so asyncio's CancelledError still ends timed-out
-# calls; sync code cannot be cancelled, so whatever it raises is its failure.
+# calls; sync code cannot be cancelled, so whatever it raises is its failure,
+# except `Preempted`: the watchdog stopping it on the loop, to run it again elsewhere.
 USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 SYNC_ERRORS = BaseException
 _ARG = itemgetter(1)
@@ -43,7 +45,7 @@ _ARGS = itemgetter(slice(1, None))
 
 class Runner:
     def __init__(self, loaded: Loaded, *, threads: int, inline_budget: float = 0.0,
-                 wait_budget: float = DEFAULT_WAIT_BUDGET) -> None:
+                 wait_budget: float = DEFAULT_WAIT_BUDGET, watchdog: Watchdog | None = None) -> None:
         m = loaded.manifest
         self.fn = loaded.fn
         self.manifest = m
@@ -54,7 +56,7 @@ class Runner:
         options = m.get("options") or {}
         # The server's budget applies to every version; @deployment(inline=True) opts one in.
         declared = DECLARED_BUDGET if options.get("inline") else 0.0
-        self.policy = InlinePolicy(self.label, inline_budget or declared, wait_budget)
+        self.policy = InlinePolicy(self.label, inline_budget or declared, wait_budget, watchdog)
         self.batcher: Batcher | None = None
         if options.get("vectorized"):
             self.signature = inspect.signature(self.fn)
@@ -97,6 +99,8 @@ class Runner:
                     break
                 # map() ends early when a row raises StopIteration.
                 failed[len(results)] = self._failed(StopIteration(), rows[len(results)][0])
+            except Preempted:
+                raise
             except SYNC_ERRORS as exc:  # every row runs, whatever the others do
                 failed[len(results)] = self._failed(exc, rows[len(results)][0])
             results.append(None)
@@ -106,6 +110,8 @@ class Runner:
         try:
             args, kwargs = self.binder.single(data)
             return True, self.fn(*args, **kwargs)
+        except Preempted:
+            raise
         except SYNC_ERRORS as exc:
             return False, self._failed(exc)
 
@@ -115,9 +121,14 @@ class Runner:
                     timeout: float | None, may_wait: bool = True) -> Any:
         """`work(arg)` where `framework.inline` places it; `timeout` bounds the wait, if given."""
         policy = self.policy
-        if may_wait and policy.cheap(rows):
-            if policy.on_loop:
+        cheap = may_wait and policy.cheap(rows)
+        if cheap and policy.on_loop:
+            try:
                 return policy.inline(work, arg, rows)
+            except Preempted:  # stopped partway: run it again from the start, off the loop
+                policy.overran(rows)
+                cheap = False
+        if cheap:
             wait = policy.wait if timeout is None else min(policy.wait, timeout)
             handoff = self.lane.call(policy.waited, work, arg, rows, wait=wait)
             if handoff.future is None:  # done while the loop waited, within any time limit
@@ -195,6 +206,8 @@ class Runner:
         n = len(columns[0])
         try:
             return self._vector_result(self.fn(*columns), n)
+        except Preempted:
+            raise
         except SYNC_ERRORS as exc:
             return False, self._failed(exc)
 

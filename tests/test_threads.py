@@ -139,7 +139,7 @@ def test_idle_threads_exit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_call_measured_cheap_that_turns_slow_holds_the_loop_only_briefly() -> None:
-    """On the default settings (no inline running) a version measured cheap is
+    """Where calls cannot run on the loop (no watchdog here) a version measured cheap is
     waited for, but a slow call then costs the loop a few milliseconds, not its
     whole run: other requests go on, and its time limit still fires."""
     naps = iter([0, 0, 0, 0, 0, 2.0])
