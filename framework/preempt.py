@@ -11,6 +11,15 @@ runs the call again, from the start, on the version's threads. Such a call's
 function runs twice (the first time cut short), as it does when a client
 retries a 504.
 
+A stop lands only in the deployment's own code, between two of its
+bytecodes: never in the standard library, an installed package or this
+framework, where it could leave a lock taken (`logging` takes its handler's
+lock just before its `try`) or their state half-changed. While the call is
+in such code the signal does nothing, and the watchdog sends it again every
+period. Code of the deployment's own that takes a lock outside a `with`
+block, or keeps state across calls, can still be cut short between two
+statements.
+
 CPU time, not wall time: on a busy machine the OS takes the CPU away from
 any call now and then, which says nothing about the call. The watchdog needs
 the GIL to look, and the loop gives it up only after one switch interval
@@ -18,8 +27,8 @@ the GIL to look, and the loop gives it up only after one switch interval
 plus `PERIOD_S`, plus 5 ms.
 
 What it cannot stop, and neither can a thread: C code that holds the GIL
-(`sum(range(10**12))`). Code that catches `BaseException` swallows the stop;
-the watchdog sends it again every period until the call ends.
+(`sum(range(10**12))`). Nor a call that stays in library code, or catches
+`BaseException` and goes on: the loop waits for those to end.
 
 Signals reach Python code on the main thread only: the watchdog exists
 where the event loop runs there (as under uvicorn) and SIGALRM is free.
@@ -28,14 +37,23 @@ Elsewhere `install` returns None and nothing runs on the loop.
 
 from __future__ import annotations
 
+import os
 import signal
+import site
+import sysconfig
 import threading
 import time
+from types import FrameType
 from typing import Any, Callable
 
 PERIOD_S = 0.002
 BLOCKED_S = 0.02
 DOZE_AFTER_S = 1.0  # with no call on the loop for this long, the watchdog sleeps until one starts
+
+# Where a stop never lands: the standard library, installed packages, this framework.
+_LIBRARIES = tuple(os.path.join(path, "") for path in
+                   {sysconfig.get_path(p) for p in ("stdlib", "platstdlib", "purelib", "platlib")}
+                   | {site.getusersitepackages(), os.path.dirname(__file__)})
 
 _installed: Watchdog | None = None
 
@@ -45,6 +63,10 @@ class Preempted(BaseException):
 
     A BaseException, so that user code's `except Exception` lets it through.
     """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds  # how long the call had run
 
 
 class Watchdog:
@@ -65,23 +87,23 @@ class Watchdog:
     def run(self, fn: Callable[[Any], Any], arg: Any, limit: float) -> Any:
         """`fn(arg)` here, on the loop; raises `Preempted` once it uses `limit` CPU seconds."""
         self.started += 1
-        self.limit = limit
-        self.cpu0 = time.thread_time()
-        self._wall0 = time.perf_counter()
-        self.running = True
         # After `started` is counted, so that the watchdog either sees the count or is woken.
         if self._dozing:
             self._wake.set()
+        self.limit = limit
+        self.cpu0 = time.thread_time()
+        self._wall0 = time.perf_counter()
         try:
+            self.running = True
             return fn(arg)
         finally:
             self.running = False
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs on the main thread between two bytecodes: the call is checked here, not
         # when the signal was sent, so that a late signal cannot stop the next call.
-        if self.running and self.started == self._target:
-            raise Preempted()
+        if self.running and self.started == self._target and frame is not None and _stoppable(frame):
+            raise Preempted(time.perf_counter() - self._wall0)
 
     def _watch(self) -> None:
         seen, idle_since = -1, time.perf_counter()
@@ -102,12 +124,20 @@ class Watchdog:
                 self._dozing = False
 
 
+def _stoppable(frame: FrameType) -> bool:
+    """Whether `frame` runs the deployment's own code, where a stop may land."""
+    name = frame.f_code.co_filename
+    return not name.startswith(_LIBRARIES) and not name.startswith("<frozen ")
+
+
 def install() -> Watchdog | None:
-    """This process's watchdog, started on first use; None where it cannot work."""
+    """This process's watchdog, started on first use, for a loop on this thread;
+    None where it cannot work."""
     global _installed
+    if threading.current_thread() is not threading.main_thread():
+        return None  # the signal would stop the main thread, not this loop's call
     if _installed is None and hasattr(signal, "pthread_kill") and hasattr(time, "pthread_getcpuclockid") and (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+        signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
     ):
         _installed = Watchdog()
     return _installed

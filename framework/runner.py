@@ -125,9 +125,10 @@ class Runner:
         if cheap and policy.on_loop:
             try:
                 return policy.inline(work, arg, rows)
-            except Preempted:  # stopped partway: run it again from the start, off the loop
+            except Preempted as stop:  # stopped partway: run it again from the start, off the loop
                 policy.overran(rows)
                 cheap = False
+                timeout = None if timeout is None else max(timeout - stop.seconds, 0.0)
         if cheap:
             wait = policy.wait if timeout is None else min(policy.wait, timeout)
             handoff = self.lane.call(policy.waited, work, arg, rows, wait=wait)
