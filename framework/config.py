@@ -32,7 +32,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # Sync calls measured under this much CPU time run on the event loop, not a thread;
     # one that uses twice this is stopped and run again on a thread. 0: none do
     # (see README "Performance").
-    "inline_budget_ms": 1.0,
+    "inline_budget_ms": 2.0,
     # Where calls cannot run on the loop (or inline_budget_ms is 0), those measured
     # under this much time each run on their thread while the event loop waits for
     # them (at most twice this). 0: the loop never waits.

@@ -76,9 +76,12 @@ class InlinePolicy:
         self.on_loop = self.watchdog is not None
         self.budget = inline_budget if self.on_loop else wait_budget
         self.wait = WAIT_FACTOR * self.budget
-        # CPU seconds per row, a cautious estimate (rises at once, falls slowly);
-        # infinite once the version is known to block, or when nothing is cheap.
-        self.row_cost = 0.0 if self.budget > 0 else math.inf
+        # CPU seconds per row by call size (`rows.bit_length()`), a cautious estimate
+        # (rises at once, falls slowly). Per size: a row of a small call carries more
+        # of the call's own cost than one of a large call, so one estimate for every
+        # size kept large batches of a cheap function off the loop.
+        self.row_costs: dict[int, float] = {}
+        self.barred = self.budget <= 0  # nothing is cheap: no budget, or struck out
         self.timed_calls = 0
         self.pool_wait = math.inf  # a decaying minimum of what pooled calls waited
         self.overruns = 0
@@ -86,12 +89,19 @@ class InlinePolicy:
 
     def cheap(self, rows: int) -> bool:
         """Whether a call of `rows` rows may run inline, or with the loop waiting for it."""
-        return (self.timed_calls >= WARMUP_CALLS and self.pool_wait <= min(WAIT_LIMIT_S, self.budget)
-                and rows * self.row_cost <= self.budget)
+        if self.barred or self.timed_calls < WARMUP_CALLS or self.pool_wait > min(WAIT_LIMIT_S, self.budget):
+            return False
+        size = rows.bit_length()
+        cost = self.row_costs.get(size)
+        if cost is None:  # a size not seen yet: rows of a smaller call cost at least as much
+            cost = max(((s, c) for s, c in self.row_costs.items() if s < size), default=(0, math.inf))[1]
+        return rows * cost <= self.budget
 
-    def _learn(self, per_row: float) -> None:
-        cost = self.row_cost
-        self.row_cost = per_row if per_row > cost else 0.9 * cost + 0.1 * per_row
+    def _learn(self, seconds: float, rows: int) -> None:
+        rows = max(rows, 1)
+        per_row, size = seconds / rows, rows.bit_length()
+        cost = self.row_costs.get(size, 0.0)
+        self.row_costs[size] = per_row if per_row > cost else 0.9 * cost + 0.1 * per_row
         self.timed_calls += 1
 
     def waited(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
@@ -100,7 +110,7 @@ class InlinePolicy:
         the CPU-time syscalls `timed` makes."""
         wall = time.perf_counter()
         out = work(arg)
-        self._learn((time.perf_counter() - wall) / max(rows, 1))
+        self._learn(time.perf_counter() - wall, rows)
         return out
 
     def timed(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
@@ -111,7 +121,7 @@ class InlinePolicy:
         wall = time.perf_counter() - wall
         end_cpu, end_switches = _usage()
         cpu = end_cpu - cpu
-        self._learn(cpu / max(rows, 1))
+        self._learn(cpu, rows)
         waited = wall - cpu if end_switches != switches or _RUSAGE_THREAD is None else 0.0
         self.pool_wait = min(waited, (self.pool_wait + waited) / 2)
         return out
@@ -123,7 +133,7 @@ class InlinePolicy:
         out = self.watchdog.run(work, arg, self.wait)
         wall = time.perf_counter() - wall
         # Over budget, the CPU time decides: the OS may have taken the CPU away meanwhile.
-        self._learn((wall if wall <= self.budget else time.thread_time() - self.watchdog.cpu0) / max(rows, 1))
+        self._learn(wall if wall <= self.budget else time.thread_time() - self.watchdog.cpu0, rows)
         self.clean()
         return out
 
@@ -135,15 +145,15 @@ class InlinePolicy:
 
     def overran(self, rows: int) -> None:
         """A call the loop waited for was not done within the wait, or one on the loop was stopped."""
-        self._strike(self.wait, rows, f"was stopped on the event loop after {self.wait * 1e3:g} ms of CPU time"
+        self._strike(self.wait, rows, f"was stopped on the event loop, past its {self.wait * 1e3:g} ms"
                      if self.on_loop else f"ran past the {self.wait * 1e3:g} ms the event loop waits")
 
     def _strike(self, wall: float, rows: int, what: str) -> None:
         """Not cheap for a while; the `MAX_OVERRUNS`th strike in a window, for good."""
         self.overruns += 1
         self.clean_calls = 0
-        self.row_cost = max(self.row_cost, wall / max(rows, 1))
-        if self.overruns >= MAX_OVERRUNS:
-            self.row_cost = math.inf
+        size = max(rows, 1).bit_length()
+        self.row_costs[size] = max(self.row_costs.get(size, 0.0), wall / max(rows, 1))
+        self.barred = self.overruns >= MAX_OVERRUNS
         log.warning("%s %s; running it on its threads without waiting%s", self.label, what,
                     " from now on" if self.overruns >= MAX_OVERRUNS else " for a while")

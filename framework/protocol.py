@@ -77,10 +77,8 @@ def parse(body: bytes) -> Call:
         batch = batch_opt
     if not batch:
         return Call(False, data, [], [], partial, timeout)
-    ids = _fast_ids(data) if all_lists else None
-    if ids is None:
-        ids = _checked_ids(data)
-    kinds = set(map(type, ids))
+    checked = _fast_ids(data) if all_lists else None
+    ids, kinds = checked if checked is not None else _checked_ids(data)
     mixed = bool(kinds & {int, float}) and str in kinds
     order = pair_order if mixed else itemgetter(0)
     return Call(True, data, ids, data, partial, timeout, order)
@@ -89,8 +87,9 @@ def parse(body: bytes) -> Call:
 _ID_TYPES = {int, float, str}
 
 
-def _fast_ids(data: list[list[Any]]) -> list[Any] | None:
-    """The ids of rows known to be lists, checked with C-level builtins only; None if unsure.
+def _fast_ids(data: list[list[Any]]) -> tuple[list[Any], set[type]] | None:
+    """The ids of rows known to be lists, and their types, checked with C-level
+    builtins only; None if unsure.
 
     JSON parsing never yields a non-finite float, so float ids need no check.
     """
@@ -98,9 +97,10 @@ def _fast_ids(data: list[list[Any]]) -> list[Any] | None:
         ids = list(map(itemgetter(0), data))
     except IndexError:
         return None
-    if not set(map(type, ids)) <= _ID_TYPES or len(set(ids)) != len(ids):
+    kinds = set(map(type, ids))
+    if not kinds <= _ID_TYPES or len(set(ids)) != len(ids):
         return None
-    return ids
+    return ids, kinds
 
 
 def pair_order(pair: Any) -> tuple[int, Any]:
@@ -108,7 +108,7 @@ def pair_order(pair: Any) -> tuple[int, Any]:
     return sort_key(pair[0])
 
 
-def _checked_ids(data: list[Any]) -> list[Any]:
+def _checked_ids(data: list[Any]) -> tuple[list[Any], set[type]]:
     """Row by row: raises BadRequest naming the first bad row."""
     ids: list[Any] = []
     seen: set[Any] = set()
@@ -126,7 +126,7 @@ def _checked_ids(data: list[Any]) -> list[Any]:
             raise BadRequest(f"id {row_id!r} appears more than once (row {index}); ids must be unique")
         seen.add(row_id)
         ids.append(row_id)
-    return ids
+    return ids, set(map(type, ids))
 
 
 def _short(value: Any) -> str:
