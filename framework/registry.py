@@ -121,7 +121,7 @@ def _check_vectorizable(fn: Callable[..., Any]) -> None:
 
 
 def _make_options(python_packages: Any, setup: Any, vectorized: Any = False,
-                  inline: Any = False, **batching: Any) -> Options:
+                  inline: Any = None, **batching: Any) -> Options:
     if isinstance(python_packages, str) or not all(
         isinstance(p, str) and p.strip() for p in (python_packages or ())
     ):
@@ -131,11 +131,11 @@ def _make_options(python_packages: Any, setup: Any, vectorized: Any = False,
         )
     if setup is not None and not callable(setup):
         raise RegistryError(f"setup must be a function taking no arguments, got {setup!r}")
-    if not isinstance(inline, bool):
-        raise RegistryError(f"inline must be True or False, got {inline!r}")
+    if inline is not None and not isinstance(inline, bool):
+        raise RegistryError(f"inline must be True, False or left out, got {inline!r}")
     extra = _batching(vectorized, batching)
-    if inline:
-        extra["inline"] = True
+    if inline is not None:
+        extra["inline"] = inline
     return Options(python_packages=tuple(python_packages or ()), setup=setup, extra=extra)
 
 
@@ -186,8 +186,11 @@ def deployment(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     requests are then gathered into calls of at most `max_batch_rows` rows, waiting
     at most `max_wait_ms` for more rows when a call is not full.
 
-    `inline=True` declares the function cheap whatever its input: once measured
-    so, its calls run on the event loop, skipping a thread hop (see README).
+    Calls measured cheap run on the event loop, skipping a thread hop, where the
+    server's `inline_budget_ms` allows (see README). `inline=False` keeps every
+    call on the version's threads: for a function that must never be stopped
+    partway and run again. `inline=True` runs it on the loop even on a server
+    whose budget is 0.
     """
     allowed = {"name", "python_packages", "setup", "vectorized", "inline", *BATCH_DEFAULTS}
     unknown = set(options) - allowed

@@ -54,9 +54,10 @@ class Runner:
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.lane = Lane(threads, f"{m['name']}-v{m['version']}")
         options = m.get("options") or {}
-        # The server's budget applies to every version; @deployment(inline=True) opts one in.
-        declared = DECLARED_BUDGET if options.get("inline") else 0.0
-        self.policy = InlinePolicy(self.label, inline_budget or declared, wait_budget, watchdog)
+        # The server's budget applies to every version; @deployment(inline=...) overrides it.
+        declared = options.get("inline")
+        budget = 0.0 if declared is False else inline_budget or (DECLARED_BUDGET if declared else 0.0)
+        self.policy = InlinePolicy(self.label, budget, wait_budget, watchdog)
         self.batcher: Batcher | None = None
         if options.get("vectorized"):
             self.signature = inspect.signature(self.fn)

@@ -238,10 +238,16 @@ def test_a_deployment_declared_inline_runs_inline_on_a_server_that_does_not() ->
     assert all("MainThread" not in a for a in plain)
 
 
+def test_a_deployment_declared_not_inline_stays_on_its_threads() -> None:
+    assert all("MainThread" not in a for a in _threads(_runner(where, inline=False), 8))
+
+
 def test_inline_is_a_declared_boolean() -> None:
     from framework import deployment
     from framework.errors import RegistryError
 
-    with pytest.raises(RegistryError, match="inline must be True or False"):
+    with pytest.raises(RegistryError, match="inline must be True, False or left out"):
         deployment(inline="yes")
     assert deployment(inline=True)(where).options.describe()["inline"] is True
+    assert deployment(inline=False)(where).options.describe()["inline"] is False
+    assert "inline" not in deployment(where).options.describe()  # the server decides
