@@ -256,4 +256,8 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
 
 def app_from_env() -> Starlette:
     """uvicorn factory for `framework serve --workers N`: config from $FRAMEWORK_CONFIG."""
-    return create_app(cfgmod.load())
+    from framework.server import tune_gc
+
+    app = create_app(cfgmod.load())
+    tune_gc()
+    return app

@@ -109,8 +109,11 @@ def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
           file=sys.stderr)
     if workers == 1:
         from framework.app import create_app
+        from framework.server import tune_gc
 
-        uvicorn.run(create_app(cfg), host=host, port=port, log_level=args.log_level,
+        app = create_app(cfg)
+        tune_gc()
+        uvicorn.run(app, host=host, port=port, log_level=args.log_level,
                     http=HTTPProtocol, access_log=not s["access_log"])  # ours replaces uvicorn's access lines
     else:
         # Each worker process builds its own app from the same settings.

@@ -247,3 +247,12 @@ def test_soak_harness_runs_clean_for_a_few_seconds():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert summary["wrong_answers"] == 0 and summary["server_errors_5xx"] == 0
     assert summary["requests"] > 50 and {200, 400, 401, 404, 422} <= {int(s) for s in summary["statuses"]}
+
+
+def test_a_serving_process_tunes_its_garbage_collector() -> None:
+    """`framework serve` freezes what exists once its app is built and collects less
+    often; in a process of its own here, not to change the test runner's."""
+    code = ("import gc; from framework.server import GC_YOUNGEST, tune_gc; before = gc.get_threshold(); "
+            "tune_gc(); print(gc.get_threshold() == (GC_YOUNGEST, *before[1:]), gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["True", "True"]
