@@ -101,8 +101,8 @@ def start(label: str, store_dir: Path, workers: int = 1, config: Path | None = N
     return servers.ours(port, store_dir, "/v1/doubler/latest", SINGLE, workers=workers, config=config)
 
 
-VARIANTS = {"quiet": "metrics: false, access_log: false", "nowait": "wait_budget_ms: 0",
-            "inline": "inline_budget_ms: 1"}
+VARIANTS = {"quiet": "metrics: false, access_log: false", "threads": "inline_budget_ms: 0",
+            "nowait": "inline_budget_ms: 0, wait_budget_ms: 0"}
 
 
 def one_pass(n: int, args: argparse.Namespace, store_dir: Path,
@@ -124,7 +124,7 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path,
         finally:
             server.stop()
     # The single-row cases again under other settings: what the metrics and the
-    # access log cost, and what opting in to inline running gains.
+    # access log cost, and what running cheap calls on the event loop gains.
     for suffix, settings in VARIANTS.items():
         config = store_dir.parent / f"{suffix}.yaml"
         config.write_text(f"server: {{{settings}}}\n")
@@ -203,24 +203,28 @@ NOTES = """## How to read it
 - Both servers run uvicorn with httptools and uvloop (what `uvicorn[standard]`
   adds); the bare app is the floor of any framework's cost on that stack.
 - The main rows run ours with its defaults: metrics and the access log on,
-  every sync call on its version's threads, and the event loop waiting (at
-  most 4 ms) for calls measured under 2 ms of CPU time
-  (`wait_budget_ms: 2`). The rows with settings in backquotes show what the
-  metrics and log cost, what the waiting gains over handing every call to the
-  threads and moving on (`wait_budget_ms: 0`, the earlier behaviour), and what
-  running calls measured cheap on the event loop itself gains
-  (`inline_budget_ms: 1`, opt-in; `@deployment(inline=True)` does the same for
-  one deployment). What is left between the default and the inline rows is
-  the thread handoff itself: in CPython the loop thread and the call's thread
-  trade the GIL, several context switches per call. Inline running is off by
-  default because a function whose cost depends on its input can be measured
-  cheap and then stall the whole server, past its time limit; the bare app
-  has that flaw for every request.
-- Large batches: once measured, a call expected to fit the wait budget runs
-  while the loop waits, with no contention for the GIL; a longer one runs on
-  its thread while the loop serves other requests, and the two share the GIL.
-  The bare app runs everything on the loop, stalling other requests
-  meanwhile. These rows move most between runs.
+  and sync calls measured under 2 ms of CPU time (`inline_budget_ms: 2`) run
+  on the event loop itself, as the bare app runs every call; a watchdog stops
+  one that uses twice that and runs it again on the version's threads
+  (`framework/preempt.py`). The rows with settings in backquotes show what the
+  metrics and log cost, and what the earlier defaults gave: every call on the
+  version's threads with the loop waiting for those measured cheap
+  (`inline_budget_ms: 0`), or not waiting (`wait_budget_ms: 0` as well). The
+  difference is the thread handoff: in CPython the loop thread and the call's
+  thread trade the GIL, several context switches per call.
+- Large batches: a call expected to fit the budget (a 10,000-row doubler
+  batch does) runs on the loop; a longer one runs on its thread while the
+  loop serves other requests, and the two share the GIL. The bare app runs
+  everything on the loop, stalling other requests meanwhile. These rows move
+  most between runs.
+- `framework serve` tunes CPython's garbage collector (`framework/server.py`):
+  what exists once the app is built is frozen, and the youngest objects are
+  collected every 10,000 new ones, not 700. A 10,000-row request allocates
+  some 30,000 objects; with the defaults, which the bare app keeps as a
+  hand-written endpoint would, the collections they set off took about a
+  quarter of such a request's time. That is why ours can beat the bare app on
+  large batches; without the tuning the 10,000-row ratio was 0.68-0.89 in
+  runs the same day.
 - The model (`bench/models.py`) is a float32 MLP over four standardized
   features with four hidden layers of 64 units: about 25 us per one-row call,
   mostly numpy's per-call overhead, and about 1.4 ms per 1,000-row call. Its
@@ -232,8 +236,10 @@ NOTES = """## How to read it
 - Micro-batching gathers concurrent requests into one call (`max_wait_ms=0`:
   requests queue up on their own while a call runs, and a wait would only add
   latency), but each request still pays its own HTTP and JSON cost, several
-  times the 25 us of model time it saves; the gain shows with models whose
-  per-call cost is larger.
+  times the 25 us of model time it saves. Since one-row calls run on the event
+  loop, the row-by-row requests it is compared with cost little more than
+  that model time, so what is left of its gain is within the noise here; it
+  shows with models whose per-call cost is larger.
 - The workers rows use one wrk thread: two workers and a two-thread wrk
   would need four cores. Both servers set TCP_NODELAY on every connection
   (`framework/server.py`): uvicorn's `--workers` mode leaves Nagle's
