@@ -28,6 +28,7 @@ threads for good. Without per-thread counts (not Linux), any wait counts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import resource
@@ -98,7 +99,8 @@ class InlinePolicy:
         return rows * cost <= self.budget
 
     def _learn(self, seconds: float, rows: int) -> None:
-        rows = max(rows, 1)
+        if rows == 0:  # an empty batch says nothing of what a row costs
+            return
         per_row, size = seconds / rows, rows.bit_length()
         cost = self.row_costs.get(size, 0.0)
         self.row_costs[size] = per_row if per_row > cost else 0.9 * cost + 0.1 * per_row
@@ -129,12 +131,31 @@ class InlinePolicy:
     def inline(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
         """`work(arg)` on the event loop; raises `Preempted` if it uses more than the wait."""
         assert self.watchdog is not None
+        # As on a thread, no event loop is running for the call: `asyncio.run` in a sync
+        # function (a wrapped async client) works the same wherever it runs.
+        loop = asyncio._get_running_loop()
+        asyncio._set_running_loop(None)
         wall = time.perf_counter()
-        out = self.watchdog.run(work, arg, self.wait)
-        wall = time.perf_counter() - wall
-        # Over budget, the CPU time decides: the OS may have taken the CPU away meanwhile.
-        self._learn(wall if wall <= self.budget else time.thread_time() - self.watchdog.cpu0, rows)
-        self.clean()
+        try:
+            out = self.watchdog.run(work, arg, self.wait)
+        finally:
+            wall = time.perf_counter() - wall
+            asyncio._set_running_loop(loop)
+        if wall <= self.budget:
+            self._learn(wall, rows)
+            self.clean()
+            return out
+        # Over budget: the CPU time is the call's cost, the rest it waited, on I/O or a
+        # lock inside library code the watchdog does not stop, or for the CPU.
+        cpu = time.thread_time() - self.watchdog.cpu0
+        self._learn(cpu, rows)
+        waited = wall - cpu
+        if waited > self.budget:  # measured on the threads again before it comes back
+            self.pool_wait = waited
+        if waited > self.wait:
+            self._strike(wall, rows, f"waited {waited * 1e3:.0f} ms on the event loop")
+        else:
+            self.clean()
         return out
 
     def clean(self) -> None:

@@ -11,14 +11,16 @@ runs the call again, from the start, on the version's threads. Such a call's
 function runs twice (the first time cut short), as it does when a client
 retries a 504.
 
-A stop lands only in the deployment's own code, between two of its
-bytecodes: never in the standard library, an installed package or this
-framework, where it could leave a lock taken (`logging` takes its handler's
-lock just before its `try`) or their state half-changed. While the call is
-in such code the signal does nothing, and the watchdog sends it again every
-period. Code of the deployment's own that takes a lock outside a `with`
-block, or keeps state across calls, can still be cut short between two
-statements.
+A stop lands only in the deployment's own code: between two of its
+bytecodes, in a sleep it calls, or in a C function it calls that checks for
+signals (as on Ctrl-C). Never in the standard library, an installed package
+or this framework, where it could leave a lock taken (`logging` takes its
+handler's lock just before its `try`) or their state half-changed: while
+the call is in such code the signal does nothing, and the watchdog sends it
+again every period. System calls the signal arrives in are resumed rather
+than failed (a socket write is not left half done). Code of the
+deployment's own that takes a lock outside a `with` block, or keeps state
+across calls, can still be cut short between two statements.
 
 CPU time, not wall time: on a busy machine the OS takes the CPU away from
 any call now and then, which says nothing about the call. The watchdog needs
@@ -27,8 +29,10 @@ the GIL to look, and the loop gives it up only after one switch interval
 plus `PERIOD_S`, plus 5 ms.
 
 What it cannot stop, and neither can a thread: C code that holds the GIL
-(`sum(range(10**12))`). Nor a call that stays in library code, or catches
-`BaseException` and goes on: the loop waits for those to end.
+(`sum(range(10**12))`). Nor a call that waits or computes inside library
+code (a database driver, `requests`, one long numpy operation), or catches
+`BaseException` and goes on: the loop waits for those to end, and
+`framework.inline` then sends the version back to its threads.
 
 Signals reach Python code on the main thread only: the watchdog exists
 where the event loop runs there (as under uvicorn) and SIGALRM is free.
@@ -53,7 +57,7 @@ DOZE_AFTER_S = 1.0  # with no call on the loop for this long, the watchdog sleep
 # Where a stop never lands: the standard library, installed packages, this framework.
 _LIBRARIES = tuple(os.path.join(path, "") for path in
                    {sysconfig.get_path(p) for p in ("stdlib", "platstdlib", "purelib", "platlib")}
-                   | {site.getusersitepackages(), os.path.dirname(__file__)})
+                   | {*site.getsitepackages(), site.getusersitepackages(), os.path.dirname(__file__)})
 
 _installed: Watchdog | None = None
 
@@ -82,6 +86,9 @@ class Watchdog:
         self._main = threading.main_thread().ident
         self._clock = time.pthread_getcpuclockid(self._main)
         signal.signal(signal.SIGALRM, self._on_signal)
+        # System calls the signal arrives in are resumed, not failed with EINTR: C code
+        # that does not retry, and a socket write half done, stay whole.
+        signal.siginterrupt(signal.SIGALRM, False)
         threading.Thread(target=self._watch, name="framework-watchdog", daemon=True).start()
 
     def run(self, fn: Callable[[Any], Any], arg: Any, limit: float) -> Any:
@@ -113,7 +120,8 @@ class Watchdog:
             if self.running and (time.clock_gettime(self._clock) - self.cpu0 >= self.limit
                                  or now - self._wall0 >= BLOCKED_S):
                 self._target = call
-                signal.pthread_kill(self._main, signal.SIGALRM)
+                if signal.getsignal(signal.SIGALRM) == self._on_signal:  # not replaced by user code
+                    signal.pthread_kill(self._main, signal.SIGALRM)
             if self.running or self.started != seen:
                 seen, idle_since = self.started, now
             elif now - idle_since >= DOZE_AFTER_S:

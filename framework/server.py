@@ -39,5 +39,6 @@ def tune_gc() -> None:
     """For a process that only serves, once its app is built: what exists by then
     (modules, settings) is never garbage, so the collector stops walking it, and it
     runs every `GC_YOUNGEST` new objects."""
+    gc.collect()  # what is garbage already is not frozen
     gc.freeze()
     gc.set_threshold(GC_YOUNGEST, *gc.get_threshold()[1:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import textwrap
 import threading
@@ -102,6 +103,11 @@ def test_costs_are_learned_per_call_size() -> None:
     assert not policy.cheap(10000)  # its own size, and 1.6 ms at the known rate
     policy._learn(3e-6, 1)
     assert policy.cheap(5000), "another size's calls leave this size's estimate alone"
+    empty = InlinePolicy("e", inline_budget=0, wait_budget=0.001)
+    empty.pool_wait = 0.0
+    for _ in range(3):
+        empty._learn(1e-6, 0)
+    assert empty.timed_calls == 0 and not empty.cheap(1), "empty batches teach nothing"
 
 
 def test_a_zero_budget_never_runs_inline() -> None:
@@ -155,6 +161,34 @@ def test_a_stop_never_lands_in_library_code() -> None:
         assert taken == [True], "the handler's lock was left taken"
     finally:
         logger.removeHandler(handler)
+
+
+def test_an_inline_call_that_waits_in_library_code_sends_its_version_back_to_its_threads() -> None:
+    """A wait inside the standard library cannot be stopped; once it is over, the
+    version goes back to its threads."""
+    waits = iter([0, 0, 0, 0.05])
+
+    def sometimes(x: Any) -> str:
+        threading.Event().wait(next(waits, 0))
+        return threading.current_thread().name
+
+    runner = _runner(sometimes)
+    answers = _threads(runner, 6)
+    assert "MainThread" in answers[3] and "MainThread" not in answers[4]
+    assert runner.policy.overruns == 1
+
+
+def test_a_sync_function_that_runs_its_own_event_loop_works_once_it_runs_inline() -> None:
+    def wrapped(x: int) -> list[Any]:  # a sync wrapper around an async client
+        async def ask() -> int:
+            await asyncio.sleep(0)
+            return x + 1
+
+        return [asyncio.run(ask()), threading.current_thread().name]
+
+    answers = [json.loads(a)["data"] for a in _threads(_runner(wrapped), 6)]
+    assert [a[0] for a in answers] == [2] * 6
+    assert answers[-1][1] == "MainThread"
 
 
 def test_an_inline_batch_that_turns_slow_is_stopped_and_every_row_answered() -> None:
