@@ -181,17 +181,17 @@ class AccessLog:
         self.logger = access_log if access_log.handlers else None
         self.pending = bytearray()
         self._flushed = -math.inf  # loop time of the last write
-        self._second = -1
+        self._millisecond = -1
         self._stamp = ""
 
     def timestamp(self) -> str:
-        """Now, as ISO 8601 UTC with milliseconds; the part up to the second is reused."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}+00:00"
+        """Now, as ISO 8601 UTC with milliseconds, formatted once per millisecond."""
+        millisecond = int(time.time() * 1000)
+        if millisecond != self._millisecond:
+            self._millisecond = millisecond
+            second, fraction = divmod(millisecond, 1000)
+            self._stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{fraction:03d}+00:00"
+        return self._stamp
 
     def write(self, line: dict[str, Any]) -> None:
         if self.logger is not None:
@@ -256,14 +256,17 @@ class ObserveMiddleware:
                 body += message.get("body", b"")
             await send(message)
 
-        async def receiving() -> Message:
-            message = await receive()
-            if message["type"] == "http.request" and sum(map(len, request_body)) < PAYLOAD_LOG_LIMIT:
-                request_body.append(message.get("body", b""))
-            return message
+        if self.log_payloads:
+            async def receiving() -> Message:
+                message = await receive()
+                if message["type"] == "http.request" and sum(map(len, request_body)) < PAYLOAD_LOG_LIMIT:
+                    request_body.append(message.get("body", b""))
+                return message
+        else:
+            receiving = receive
 
         try:
-            await self.app(scope, receiving if self.log_payloads else receive, sending)
+            await self.app(scope, receiving, sending)
         except Exception as exc:
             scope.setdefault(SCOPE_ERROR, exc)
             raise
@@ -295,7 +298,7 @@ class ObserveMiddleware:
                 "version": resolved[2] if resolved else None,
                 "rows": rows,
                 "row_errors": errors,
-                "duration_ms": round(seconds * 1000, 3),
+                "duration_ms": int(seconds * 1e6) / 1000,  # not round(): a third of the cost
                 "error": type(error).__name__ if error is not None else None,
                 "key_id": key.id if key is not None else None,
             }

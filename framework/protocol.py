@@ -52,21 +52,8 @@ def parse(body: bytes) -> Call:
     if not isinstance(doc, dict) or "data" not in doc:
         raise BadRequest('request body must be a JSON object with a "data" key, e.g. {"data": [[1, 10]]}')
     data = doc["data"]
-    batch_opt = doc.get("batch")
-    if batch_opt is not None and not isinstance(batch_opt, bool):
-        raise BadRequest(f'"batch" must be true or false, got {batch_opt!r}')
-    partial = doc.get("partial", False)
-    if not isinstance(partial, bool):
-        raise BadRequest(f'"partial" must be true or false, got {partial!r}')
-    timeout = doc.get("timeout_seconds")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
-    ):
-        raise BadRequest(f'"timeout_seconds" must be a positive number, got {timeout!r}')
-    if doc.get("response_webhook") is not None:
-        raise BadRequest('"response_webhook" is not supported yet; call without it and wait for the answer')
-    if doc.get("response_format") not in (None, "json"):
-        raise BadRequest(f'"response_format" {doc["response_format"]!r} is not supported; omit it for JSON')
+    # Most bodies hold `data` alone, with no options to check.
+    batch_opt, partial, timeout = (None, False, None) if len(doc) == 1 else _options(doc)
     is_list = isinstance(data, list)
     all_lists = is_list and set(map(type, data)) <= {list}
     if batch_opt is None:
@@ -82,6 +69,26 @@ def parse(body: bytes) -> Call:
     mixed = bool(kinds & {int, float}) and str in kinds
     order = pair_order if mixed else itemgetter(0)
     return Call(True, data, ids, data, partial, timeout, order)
+
+
+def _options(doc: dict[str, Any]) -> tuple[bool | None, bool, float | None]:
+    """The request's `batch`, `partial` and `timeout_seconds`, checked."""
+    batch_opt = doc.get("batch")
+    if batch_opt is not None and not isinstance(batch_opt, bool):
+        raise BadRequest(f'"batch" must be true or false, got {batch_opt!r}')
+    partial = doc.get("partial", False)
+    if not isinstance(partial, bool):
+        raise BadRequest(f'"partial" must be true or false, got {partial!r}')
+    timeout = doc.get("timeout_seconds")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise BadRequest(f'"timeout_seconds" must be a positive number, got {timeout!r}')
+    if doc.get("response_webhook") is not None:
+        raise BadRequest('"response_webhook" is not supported yet; call without it and wait for the answer')
+    if doc.get("response_format") not in (None, "json"):
+        raise BadRequest(f'"response_format" {doc["response_format"]!r} is not supported; omit it for JSON')
+    return batch_opt, partial, timeout
 
 
 _ID_TYPES = {int, float, str}
