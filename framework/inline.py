@@ -16,7 +16,10 @@ call that turns out slow costs the loop no more than the wait, then finishes
 on its own under its time limit. A waited call that overruns is a strike.
 
 A struck version goes back to its threads until measured cheap again; the
-`MAX_OVERRUNS`th strike within `OVERRUN_WINDOW` calls keeps it there.
+`MAX_OVERRUNS`th strike within `OVERRUN_WINDOW` calls keeps it there for the
+next `BAR_CALLS` calls, and each later time for twice as many: a version
+whose calls block now and then costs the loop a few stalls at most, and one
+struck by a passing load (other threads hogging the GIL) comes back.
 
 Only waits the thread chose count (voluntary context switches): under load
 the OS takes the CPU away from any call, which says nothing about the
@@ -52,6 +55,7 @@ WARMUP_CALLS = 3  # calls timed on the pool before any runs inline
 WAIT_LIMIT_S = 0.02
 MAX_OVERRUNS = 3  # calls over budget, within the window, before a version stays on its threads
 OVERRUN_WINDOW = 1000  # calls within budget after which past overruns are forgiven
+BAR_CALLS = 10_000  # calls a version then makes on its threads (doubling each time) before trying again
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 
 
@@ -82,7 +86,9 @@ class InlinePolicy:
         # of the call's own cost than one of a large call, so one estimate for every
         # size kept large batches of a cheap function off the loop.
         self.row_costs: dict[int, float] = {}
-        self.barred = self.budget <= 0  # nothing is cheap: no budget, or struck out
+        # Nothing is cheap before this many timed calls: never without a budget.
+        self.barred_until = 0.0 if self.budget > 0 else math.inf
+        self.bars = 0
         self.timed_calls = 0
         self.pool_wait = math.inf  # a decaying minimum of what pooled calls waited
         self.overruns = 0
@@ -90,7 +96,8 @@ class InlinePolicy:
 
     def cheap(self, rows: int) -> bool:
         """Whether a call of `rows` rows may run inline, or with the loop waiting for it."""
-        if self.barred or self.timed_calls < WARMUP_CALLS or self.pool_wait > min(WAIT_LIMIT_S, self.budget):
+        if (self.timed_calls < max(WARMUP_CALLS, self.barred_until)
+                or self.pool_wait > min(WAIT_LIMIT_S, self.budget)):
             return False
         size = rows.bit_length()
         cost = self.row_costs.get(size)
@@ -170,11 +177,16 @@ class InlinePolicy:
                      if self.on_loop else f"ran past the {self.wait * 1e3:g} ms the event loop waits")
 
     def _strike(self, wall: float, rows: int, what: str) -> None:
-        """Not cheap for a while; the `MAX_OVERRUNS`th strike in a window, for good."""
+        """Not cheap for a while; the `MAX_OVERRUNS`th strike in a window, for a long while."""
         self.overruns += 1
         self.clean_calls = 0
         size = max(rows, 1).bit_length()
         self.row_costs[size] = max(self.row_costs.get(size, 0.0), wall / max(rows, 1))
-        self.barred = self.overruns >= MAX_OVERRUNS
-        log.warning("%s %s; running it on its threads without waiting%s", self.label, what,
-                    " from now on" if self.overruns >= MAX_OVERRUNS else " for a while")
+        until = "until it is measured cheap again"
+        if self.overruns >= MAX_OVERRUNS:
+            calls = BAR_CALLS << self.bars
+            self.barred_until = self.timed_calls + calls
+            self.bars += 1
+            self.overruns = 0
+            until = f"for its next {calls:,} calls"
+        log.warning("%s %s; running it on its threads without waiting, %s", self.label, what, until)

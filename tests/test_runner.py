@@ -23,6 +23,7 @@ import pytest
 
 from conftest import Server, run_cli
 from framework import preempt
+from framework import inline
 from framework.inline import InlinePolicy
 from framework.packaging import Loaded
 from framework.protocol import parse
@@ -108,6 +109,26 @@ def test_costs_are_learned_per_call_size() -> None:
     for _ in range(3):
         empty._learn(1e-6, 0)
     assert empty.timed_calls == 0 and not empty.cheap(1), "empty batches teach nothing"
+
+
+def test_three_strikes_keep_a_version_off_the_loop_for_a_while_then_twice_as_long(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inline, "BAR_CALLS", 20)
+    policy = InlinePolicy("p", inline_budget=0, wait_budget=0.001)
+    policy.pool_wait = 0.0
+
+    def measured(calls: int) -> None:  # cheap calls, as if timed on the threads
+        for _ in range(calls):
+            policy._learn(3e-6, 1)
+
+    measured(3)
+    for bar in (20, 40):  # long enough for the cost estimate to fall back under budget
+        for _ in range(3):
+            policy.overran(1)
+        for _ in range(bar):
+            assert not policy.cheap(1)
+            measured(1)
+        assert policy.cheap(1), f"back on the loop after {bar} calls"
 
 
 def test_a_zero_budget_never_runs_inline() -> None:
