@@ -306,3 +306,29 @@ def test_inline_is_a_declared_boolean() -> None:
     assert deployment(inline=True)(where).options.describe()["inline"] is True
     assert deployment(inline=False)(where).options.describe()["inline"] is False
     assert "inline" not in deployment(where).options.describe()  # the server decides
+
+
+WHERE = '''
+import threading
+from framework import deployment
+
+
+@deployment
+def where(x):
+    return threading.current_thread().name
+'''
+
+
+def test_calls_run_on_the_event_loop_in_every_worker_process(tmp_path: Path) -> None:
+    """`--workers 2`: each worker builds its app on its main thread, where the watchdog
+    can run, so once measured cheap its calls run on the loop."""
+    (tmp_path / "mod.py").write_text(textwrap.dedent(WHERE))
+    (tmp_path / "deploy.yaml").write_text("modules: [mod]\n")
+    run_cli("deploy", store=tmp_path / "store", cwd=tmp_path)
+    srv = Server(tmp_path / "store", "--workers", "2", cwd=tmp_path)
+    try:
+        names = [srv.post("/v1/where/latest", {"data": i}).json()["data"] for i in range(40)]
+    finally:
+        srv.stop()
+    # At most three warm-up calls per worker run on a thread.
+    assert names.count("MainThread") >= len(names) - 6, names
