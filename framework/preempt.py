@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any, Callable
 
 PERIOD_S = 0.01  # each look takes the GIL from the loop: looking every 2 ms cost 2-4% of throughput
-BLOCKED_S = 0.02
+BLOCKED_S = 0.02  # a call on the loop this long, whatever its CPU time, waits on something
 DOZE_AFTER_S = 1.0  # with no call on the loop for this long, the watchdog sleeps until one starts
 
 # Where a stop never lands: the standard library, installed packages, this framework.
@@ -92,7 +92,8 @@ class Watchdog:
         threading.Thread(target=self._watch, name="framework-watchdog", daemon=True).start()
 
     def run(self, fn: Callable[[Any], Any], arg: Any, limit: float) -> Any:
-        """`fn(arg)` here, on the loop; raises `Preempted` once it uses `limit` CPU seconds."""
+        """`fn(arg)` here, on the loop; raises `Preempted` once it uses `limit` CPU seconds
+        or runs `BLOCKED_S`."""
         self.started += 1
         # After `started` is counted, so that the watchdog either sees the count or is woken.
         if self._dozing:
