@@ -254,10 +254,15 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     return app
 
 
-def app_from_env() -> Starlette:
-    """uvicorn factory for `framework serve --workers N`: config from $FRAMEWORK_CONFIG."""
+def serving_app(cfg: cfgmod.Config) -> Starlette:
+    """The app of a `framework serve` process, whose garbage collector it tunes once built."""
     from framework.server import tune_gc
 
-    app = create_app(cfgmod.load())
+    app = create_app(cfg)
     tune_gc()
     return app
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for `framework serve --workers N`: config from $FRAMEWORK_CONFIG."""
+    return serving_app(cfgmod.load())

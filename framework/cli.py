@@ -108,12 +108,9 @@ def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     print(f"serving store {cfg.store} on http://{host}:{port} ({workers} worker(s))",
           file=sys.stderr)
     if workers == 1:
-        from framework.app import create_app
-        from framework.server import tune_gc
+        from framework.app import serving_app
 
-        app = create_app(cfg)
-        tune_gc()
-        uvicorn.run(app, host=host, port=port, log_level=args.log_level,
+        uvicorn.run(serving_app(cfg), host=host, port=port, log_level=args.log_level,
                     http=HTTPProtocol, access_log=not s["access_log"])  # ours replaces uvicorn's access lines
     else:
         # Each worker process builds its own app from the same settings.
