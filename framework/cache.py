@@ -56,6 +56,17 @@ class VersionCache:
         self._failed: dict[Key, tuple[LoadFailed, float]] = {}
         self._load_pool = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="load")
 
+    def cached(self, branch: str, name: str, ref: str) -> Runner | None:
+        """The loaded version `ref` names, where both are in memory and fresh: the
+        path of most requests, with no coroutine to await."""
+        hit = self._refs.get((branch, name, ref))
+        if hit is None or hit[1] <= time.monotonic():
+            return None  # `resolve` reads it, or starts its refresh
+        found = self._loaded.get((branch, name, hit[0]))
+        if found is not None:
+            self._loaded.move_to_end((branch, name, hit[0]))
+        return found
+
     async def resolve(self, branch: str, name: str, ref: str) -> int:
         if ref.isascii() and ref.isdigit():
             ref = str(int(ref))  # "01" and "1" share one entry, so URLs cannot grow the cache

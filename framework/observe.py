@@ -1,8 +1,8 @@
 """Observability: Prometheus metrics, one JSON log line per request, liveness and readiness.
 
 One pure ASGI middleware times each request and reads what the handlers left
-in the ASGI scope: `Runtime.infer` puts the resolved (branch, name, version,
-call) under SCOPE_CALL, the error handlers put the exception under
+in the ASGI scope: `Runtime.infer` puts the resolved version's runner and the
+parsed call under SCOPE_CALL, the error handlers put the exception under
 SCOPE_ERROR. Metric labels come only from *resolved* versions, never from
 the raw URL, so random paths cannot blow up the number of series.
 
@@ -279,8 +279,8 @@ class ObserveMiddleware:
         if resolved is None:
             labels, rows, errors, batch = UNRESOLVED, 0, 0, False
         else:
-            branch, name, version, call = resolved
-            labels = (name, branch, str(version))
+            runner, call = resolved
+            labels = runner.labels
             rows = len(call.ids) if call.batch else 1
             errors = _row_errors(call, error)
             batch = call.batch
@@ -295,7 +295,7 @@ class ObserveMiddleware:
                 "status": status,
                 "deployment": labels[0] or None,
                 "branch": labels[1] or None,
-                "version": resolved[2] if resolved else None,
+                "version": resolved[0].version if resolved else None,
                 "rows": rows,
                 "row_errors": errors,
                 "duration_ms": int(seconds * 1e6) / 1000,  # not round(): a third of the cost

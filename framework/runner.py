@@ -50,6 +50,8 @@ class Runner:
         self.fn = loaded.fn
         self.manifest = m
         self.label = f"{m['name']} v{m['version']} ({m['branch']})"
+        self.version: int = m["version"]
+        self.labels = (m["name"], m["branch"], str(m["version"]))  # the metrics' labels
         self.binder = Binder(self.fn)
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.lane = Lane(threads, f"{m['name']}-v{m['version']}")
