@@ -87,7 +87,8 @@ class InlinePolicy:
         # size kept large batches of a cheap function off the loop.
         self.row_costs: dict[int, float] = {}
         # Nothing is cheap before this many timed calls: never without a budget.
-        self.barred_until = 0.0 if self.budget > 0 else math.inf
+        self.gate = WARMUP_CALLS if self.budget > 0 else math.inf
+        self.wait_limit = min(WAIT_LIMIT_S, self.budget)  # what pooled calls may wait, and be cheap
         self.bars = 0
         self.timed_calls = 0
         self.pool_wait = math.inf  # a decaying minimum of what pooled calls waited
@@ -96,8 +97,7 @@ class InlinePolicy:
 
     def cheap(self, rows: int) -> bool:
         """Whether a call of `rows` rows may run inline, or with the loop waiting for it."""
-        if (self.timed_calls < max(WARMUP_CALLS, self.barred_until)
-                or self.pool_wait > min(WAIT_LIMIT_S, self.budget)):
+        if self.timed_calls < self.gate or self.pool_wait > self.wait_limit:
             return False
         size = rows.bit_length()
         cost = self.row_costs.get(size)
@@ -142,15 +142,16 @@ class InlinePolicy:
         # function (a wrapped async client) works the same wherever it runs.
         loop = asyncio._get_running_loop()
         asyncio._set_running_loop(None)
-        wall = time.perf_counter()
         try:
             out = self.watchdog.run(work, arg, self.wait)
         finally:
-            wall = time.perf_counter() - wall
             asyncio._set_running_loop(loop)
+        wall = time.perf_counter() - self.watchdog.wall0
         if wall <= self.budget:
-            self._learn(wall, rows)
-            self.clean()
+            # Only counted: the estimate that put the call here stands (it falls on the
+            # threads), and what learning it cost was a tenth of a one-row request's
+            # time in the framework.
+            self.clean_calls += 1
             return out
         # Over budget: the CPU time is the call's cost, the rest it waited, on I/O or a
         # lock inside library code the watchdog does not stop, or for the CPU.
@@ -168,8 +169,6 @@ class InlinePolicy:
     def clean(self) -> None:
         """A call ran inline, or was waited for, within its budget."""
         self.clean_calls += 1
-        if self.clean_calls >= OVERRUN_WINDOW:
-            self.overruns = 0
 
     def overran(self, rows: int) -> None:
         """A call the loop waited for was not done within the wait, or one on the loop was stopped."""
@@ -178,6 +177,8 @@ class InlinePolicy:
 
     def _strike(self, wall: float, rows: int, what: str) -> None:
         """Not cheap for a while; the `MAX_OVERRUNS`th strike in a window, for a long while."""
+        if self.clean_calls >= OVERRUN_WINDOW:  # the earlier strikes are forgiven
+            self.overruns = 0
         self.overruns += 1
         self.clean_calls = 0
         size = max(rows, 1).bit_length()
@@ -185,7 +186,7 @@ class InlinePolicy:
         until = "until it is measured cheap again"
         if self.overruns >= MAX_OVERRUNS:
             calls = BAR_CALLS << self.bars
-            self.barred_until = self.timed_calls + calls
+            self.gate = self.timed_calls + calls
             self.bars += 1
             self.overruns = 0
             until = f"for its next {calls:,} calls"

@@ -79,7 +79,7 @@ class Watchdog:
         self.started = 0  # calls started: which call is running, and whether the loop is busy
         self.limit = 0.0  # the running call's CPU seconds
         self.cpu0 = 0.0  # the loop thread's CPU time when the running call started
-        self._wall0 = 0.0
+        self.wall0 = 0.0  # perf_counter() when the running call started
         self._target = -1  # the call the last signal was sent to stop
         self._dozing = False
         self._wake = threading.Event()
@@ -100,7 +100,7 @@ class Watchdog:
             self._wake.set()
         self.limit = limit
         self.cpu0 = time.thread_time()
-        self._wall0 = time.perf_counter()
+        self.wall0 = time.perf_counter()
         try:
             self.running = True
             return fn(arg)
@@ -111,7 +111,7 @@ class Watchdog:
         # Runs on the main thread between two bytecodes: the call is checked here, not
         # when the signal was sent, so that a late signal cannot stop the next call.
         if self.running and self.started == self._target and frame is not None and _stoppable(frame):
-            raise Preempted(time.perf_counter() - self._wall0)
+            raise Preempted(time.perf_counter() - self.wall0)
 
     def _watch(self) -> None:
         seen, idle_since = -1, time.perf_counter()
@@ -119,7 +119,7 @@ class Watchdog:
             time.sleep(PERIOD_S)
             call, now = self.started, time.perf_counter()
             if self.running and (time.clock_gettime(self._clock) - self.cpu0 >= self.limit
-                                 or now - self._wall0 >= BLOCKED_S):
+                                 or now - self.wall0 >= BLOCKED_S):
                 self._target = call
                 if signal.getsignal(signal.SIGALRM) == self._on_signal:  # not replaced by user code
                     signal.pthread_kill(self._main, signal.SIGALRM)
