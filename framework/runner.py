@@ -122,9 +122,11 @@ class Runner:
 
     async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int,
                     timeout: float | None, may_wait: bool = True) -> Any:
-        """`work(arg)` where `framework.inline` places it; `timeout` bounds the wait, if given."""
+        """`work(arg)` where `framework.inline` places it; `timeout` bounds the wait, if given.
+        Without `may_wait`, a cheap call may still run on the loop, but the loop never
+        waits for it on a thread."""
         policy = self.policy
-        cheap = may_wait and policy.cheap(rows)
+        cheap = policy.cheap(rows)
         if cheap and policy.on_loop:
             try:
                 return policy.inline(work, arg, rows)
@@ -132,7 +134,7 @@ class Runner:
                 policy.overran(rows)
                 cheap = False
                 timeout = None if timeout is None else max(timeout - stop.seconds, 0.0)
-        if cheap:
+        if cheap and may_wait:
             wait = policy.wait if timeout is None else min(policy.wait, timeout)
             handoff = self.lane.call(policy.waited, work, arg, rows, wait=wait)
             if handoff.future is None:  # done while the loop waited, within any time limit
@@ -199,8 +201,9 @@ class Runner:
                 return self._vector_result(await self.fn(*columns), len(rows))
             except USER_ERRORS as exc:
                 return False, self._failed(exc)
-        # A small call leaves the loop free while it runs, for requests to gather for
-        # the next one; waiting for it had cancelled micro-batching's gain.
+        # Requests gather for the next call while one runs, on the loop (their sockets
+        # are read after it) or on a thread. The loop waits for a thread only for a
+        # large call: waiting on small ones had cancelled micro-batching's gain.
         assert self.batcher is not None
         big = 2 * len(rows) >= self.batcher.max_rows
         # No time limit here: the caller's bounds the whole batch.

@@ -81,6 +81,16 @@ def test_a_cheap_function_runs_inline_once_measured() -> None:
     assert all("MainThread" in a for a in answers[3:])
 
 
+def test_small_micro_batches_of_a_cheap_vectorized_function_run_inline_once_measured() -> None:
+    def columns_where(x: list[Any]) -> list[str]:
+        return [threading.current_thread().name] * len(x)
+
+    runner = _runner(columns_where, vectorized=True, max_batch_rows=64, max_wait_ms=0)
+    answers = _threads(runner, 8, b'{"data": [[1, 1], [2, 2]]}')
+    assert all("MainThread" not in a for a in answers[:3]), "warm-up calls run on the pool"
+    assert all(json.loads(a)["data"] == [[1, "MainThread"], [2, "MainThread"]] for a in answers[3:])
+
+
 def test_a_waiting_function_stays_on_its_threads() -> None:
     def napper(x: Any) -> str:
         time.sleep(0.03)
