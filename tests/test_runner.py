@@ -24,6 +24,7 @@ import pytest
 from conftest import Server, run_cli
 from framework import preempt
 from framework import inline
+from framework.errors import CallTimeout
 from framework.inline import InlinePolicy
 from framework.packaging import Loaded
 from framework.protocol import parse
@@ -342,3 +343,26 @@ def test_calls_run_on_the_event_loop_in_every_worker_process(tmp_path: Path) -> 
         srv.stop()
     # At most three warm-up calls per worker run on a thread.
     assert names.count("MainThread") >= len(names) - 6, names
+
+
+def test_time_limits_answer_timeouts_and_let_other_cancellations_through() -> None:
+    runner = _runner(where)
+
+    async def go() -> None:
+        with pytest.raises(CallTimeout, match="did not answer within 0.05 s"):
+            await runner._limit(asyncio.sleep(5), 0.05)
+        assert await runner._limit(asyncio.sleep(0, "done"), 0.05) == "done"
+        await asyncio.sleep(0.1)  # the finished call's timer never fires into this task
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+        # A cancellation from elsewhere (a shutdown) stays one, not a timeout.
+        waiting = asyncio.ensure_future(runner._limit(asyncio.sleep(5), 1))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    try:
+        asyncio.run(go())
+    finally:
+        runner.close()
