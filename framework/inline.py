@@ -125,6 +125,7 @@ class InlinePolicy:
     def timed(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
         """`work(arg)` timed, on one of the version's threads."""
         cpu, switches = _usage()
+        loop_cpu = self.watchdog.loop_cpu() if self.watchdog is not None else 0.0
         wall = time.perf_counter()
         out = work(arg)
         wall = time.perf_counter() - wall
@@ -132,6 +133,11 @@ class InlinePolicy:
         cpu = end_cpu - cpu
         self._learn(cpu, rows)
         waited = wall - cpu if end_switches != switches or _RUSAGE_THREAD is None else 0.0
+        if waited > 0 and self.watchdog is not None:
+            # Not counted: waiting for the GIL while the event loop ran. Under load a
+            # function that releases it (each numpy operation does) waits for it at each
+            # release, and such waits had kept numpy models on their threads for good.
+            waited = max(0.0, waited - (self.watchdog.loop_cpu() - loop_cpu))
         self.pool_wait = min(waited, (self.pool_wait + waited) / 2)
         return out
 

@@ -107,6 +107,10 @@ class Watchdog:
         finally:
             self.running = False
 
+    def loop_cpu(self) -> float:
+        """The CPU seconds the event loop's thread has used so far, read from any thread."""
+        return time.clock_gettime(self._clock)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs on the main thread between two bytecodes: the call is checked here, not
         # when the signal was sent, so that a late signal cannot stop the next call.
@@ -118,7 +122,7 @@ class Watchdog:
         while True:
             time.sleep(PERIOD_S)
             call, now = self.started, time.perf_counter()
-            if self.running and (time.clock_gettime(self._clock) - self.cpu0 >= self.limit
+            if self.running and (self.loop_cpu() - self.cpu0 >= self.limit
                                  or now - self.wall0 >= BLOCKED_S):
                 self._target = call
                 if signal.getsignal(signal.SIGALRM) == self._on_signal:  # not replaced by user code

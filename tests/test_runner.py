@@ -366,3 +366,31 @@ def test_time_limits_answer_timeouts_and_let_other_cancellations_through() -> No
         asyncio.run(go())
     finally:
         runner.close()
+
+
+def test_waiting_for_the_gil_while_the_loop_is_busy_is_not_waiting_on_io() -> None:
+    """Under load, a function that releases the GIL (each numpy operation does) waits
+    for it at each release while the loop serves other requests. Such waits must not
+    keep it off the loop for good, as waits on I/O do."""
+    def releases(x: Any) -> str:
+        for _ in range(5):
+            time.sleep(0)  # gives up the GIL, then waits for the busy loop to hand it back
+        return threading.current_thread().name
+
+    runner = _runner(releases, budget=0.002)
+
+    async def busy_loop() -> None:
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+
+    async def go() -> None:
+        for _ in range(inline.WARMUP_CALLS):  # timed on the threads, the loop busy meanwhile
+            await asyncio.gather(runner.run(parse(b'{"data": 1}'), 5), busy_loop())
+        assert runner.policy.pool_wait < 0.002, f"waited {runner.policy.pool_wait * 1e3:.1f} ms"
+        assert runner.policy.cheap(1)
+
+    try:
+        asyncio.run(go())
+    finally:
+        runner.close()
