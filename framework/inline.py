@@ -23,10 +23,11 @@ struck by a passing load (other threads hogging the GIL) comes back.
 
 Only waits the thread chose count (voluntary context switches): under load
 the OS takes the CPU away from any call, which says nothing about the
-function. A thread can also be made to wait for the GIL by another Python
-thread now and then; the window forgives such rare strikes, where counting
-them for the server's whole life eventually sent even a doubler to its
-threads for good. Without per-thread counts (not Linux), any wait counts.
+function. Nor does a call's wait for the GIL while the event loop ran (the
+loop's CPU time meanwhile is taken off the wait). Other Python threads can
+also hold the GIL now and then; the window forgives such rare strikes, where
+counting them for the server's whole life eventually sent even a doubler to
+its threads for good. Without per-thread counts (not Linux), any wait counts.
 """
 
 from __future__ import annotations

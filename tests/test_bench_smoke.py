@@ -22,3 +22,13 @@ def test_the_harness_runs_one_short_pass(tmp_path: Path) -> None:
         assert case in proc.stdout
     written = results.read_text()
     assert "Machine:" in written and "bench/run.py --quick" in written
+
+
+def test_the_instruction_count_still_drives_both_apps(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "instructions.py"), "--check"],
+        cwd=tmp_path, env=cli_env(tmp_path / "unused-store", TMPDIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "each app answered every case" in proc.stdout
