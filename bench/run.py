@@ -235,11 +235,11 @@ NOTES = """## How to read it
   is well under the model's own (about 25x in-process).
 - Micro-batching gathers concurrent requests into one call (`max_wait_ms=0`:
   requests queue up on their own while a call runs, and a wait would only add
-  latency), but each request still pays its own HTTP and JSON cost, several
-  times the 25 us of model time it saves, so the gain on this model is
-  bounded by about 1.15x. Gathered calls measured cheap run on the event loop
-  as one-row calls do; it shows more with models whose per-call cost is
-  larger.
+  latency). Each request still pays its own HTTP and JSON cost; what
+  gathering saves is the model's per-call cost, 25 us in a tight loop and
+  more inside a busy server. Gathered calls measured cheap run on the event
+  loop, as one-row calls do; handing each to a thread had cost more than it
+  saved. It shows more with models whose per-call cost is larger.
 - The workers rows use one wrk thread: two workers and a two-thread wrk
   would need four cores. Both servers set TCP_NODELAY on every connection
   (`framework/server.py`): uvicorn's `--workers` mode leaves Nagle's
