@@ -157,7 +157,7 @@ class InlinePolicy:
         if wall <= self.budget:
             # Only counted: the estimate that put the call here stands (it falls on the
             # threads), and learning it again cost 4% of a one-row request's instructions.
-            self.clean_calls += 1
+            self.clean()
             return out
         # Over budget: the CPU time is the call's cost, the rest it waited, on I/O or a
         # lock inside library code the watchdog does not stop, or for the CPU.
