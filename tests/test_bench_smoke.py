@@ -18,7 +18,7 @@ def test_the_harness_runs_one_short_pass(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for case in ("single call", "10,000-row batches", "p99 latency", "start to first answer",
-                 "deploy finished", "vectorized", "micro-batched", "2 workers"):
+                 "deploy finished", "vectorized", "micro-batched", "One bad row", "2 workers"):
         assert case in proc.stdout
     written = results.read_text()
     assert "Machine:" in written and "bench/run.py --quick" in written
