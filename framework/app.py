@@ -248,9 +248,10 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
 
     # Inference first: routes are tried in order, and a GET on the same path still finds
     # its own route further down.
+    infer = ASGIEndpoint(rt.infer)
     routes = [
-        Route("/v1/{name}/{ref}", ASGIEndpoint(rt.infer), methods=["POST"]),
-        Route("/v1/{name}/{branch}/{ref}", ASGIEndpoint(rt.infer), methods=["POST"]),
+        Route("/v1/{name}/{ref}", infer, methods=["POST"]),
+        Route("/v1/{name}/{branch}/{ref}", infer, methods=["POST"]),
         Route("/healthz", rt.healthz, methods=["GET"]),
         Route("/v1", rt.list_deployments, methods=["GET"]),
         Route("/v1/", rt.list_deployments, methods=["GET"]),

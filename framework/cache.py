@@ -62,9 +62,13 @@ class VersionCache:
         hit = self._refs.get((branch, name, ref))
         if hit is None or hit[1] <= time.monotonic():
             return None  # `resolve` reads it, or starts its refresh
-        found = self._loaded.get((branch, name, hit[0]))
+        return self._used((branch, name, hit[0]))
+
+    def _used(self, key: Key) -> Runner | None:
+        """The loaded version, now the most recently used; None if not loaded."""
+        found = self._loaded.get(key)
         if found is not None:
-            self._loaded.move_to_end((branch, name, hit[0]))
+            self._loaded.move_to_end(key)
         return found
 
     async def resolve(self, branch: str, name: str, ref: str) -> int:
@@ -97,9 +101,8 @@ class VersionCache:
     async def runner(self, branch: str, name: str, version: int, timeout: float) -> Runner:
         """The loaded version; loading it may take at most `timeout` seconds of this call."""
         key = (branch, name, version)
-        found = self._loaded.get(key)
+        found = self._used(key)
         if found is not None:
-            self._loaded.move_to_end(key)
             return found
         failed = self._failed.get(key)
         if failed is not None and failed[1] > time.monotonic():
