@@ -49,6 +49,7 @@ LABELS = ("deployment", "branch", "version")
 UNRESOLVED = ("", "", "")
 PAYLOAD_LOG_LIMIT = 64 * 1024
 FLUSH_INTERVAL_S = 0.05  # the most often access-log lines are written out
+LINE_CACHE = 4096  # kinds of request whose log line is kept encoded
 
 access_log = logging.getLogger("framework.access")
 
@@ -80,10 +81,6 @@ class _Histogram:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # bucket `le` holds values <= le
-        self.total += value
 
     def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
         buckets = list(zip(map(floatToGoString, self.bounds + (math.inf,)), accumulate(self.counts)))
@@ -120,17 +117,20 @@ class Metrics:
         self.registry.register(self)
         self.registry.register(_LoadedVersions(rt.versions))
 
-    def record(self, labels: tuple[str, str, str], status: int, seconds: float, rows: int,
-               errors: int, batch: bool) -> None:
-        series = self.series.get(labels)
-        if series is None:
-            series = self.series[labels] = _Series()
-        series.statuses[status] = series.statuses.get(status, 0) + 1
-        series.latency.observe(seconds)
-        series.rows += rows
-        series.row_errors += errors
-        if batch:
-            series.batch.observe(rows)
+    def add(self, seen: list[Seen]) -> None:
+        for labels, _, status, start, end, rows, errors, batch, _, _, _, _, _ in seen:
+            series = self.series.get(labels)
+            if series is None:
+                series = self.series[labels] = _Series()
+            series.statuses[status] = series.statuses.get(status, 0) + 1
+            latency = series.latency
+            latency.counts[bisect_left(LATENCY_BUCKETS, end - start)] += 1  # bucket `le` holds values <= le
+            latency.total += end - start
+            series.rows += rows
+            series.row_errors += errors
+            if batch:
+                series.batch.counts[bisect_left(BATCH_BUCKETS, rows)] += 1
+                series.batch.total += rows
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("framework_requests", "Requests answered, by status",
@@ -154,9 +154,6 @@ class Metrics:
         inflight.add_metric([], self.rt.inflight)
         yield from (requests, rows, row_errors, latency, batch, inflight)
 
-    async def endpoint(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
 
 def _row_errors(call: Any, error: BaseException | None) -> int:
     if isinstance(error, RowsFailed):
@@ -170,52 +167,80 @@ class AccessLog:
     """JSON lines on stderr, or through the `framework.access` logger where the
     embedding application gave it handlers.
 
-    Lines are written together, at most every `FLUSH_INTERVAL_S`: a `logging`
-    record, or a write, per request cost more than the rest of a small
-    request's bookkeeping (a write per event-loop turn still cost a tenth of
-    single-row throughput). A line after a quiet spell goes out at the end of
-    its turn, one under load within 50 ms, and the rest at shutdown.
+    Most requests differ from an earlier one only in their time and duration:
+    the rest of their line is encoded once per kind of request (deployment,
+    path, status, rows, error, key) and kept, up to `LINE_CACHE` kinds. A
+    dictionary encoded per line was two thirds of observing a one-row request.
     """
 
     def __init__(self) -> None:
         self.logger = access_log if access_log.handlers else None
-        self.pending = bytearray()
-        self._flushed = -math.inf  # loop time of the last write
         self._millisecond = -1
-        self._stamp = ""
+        self._stamp = b""
+        self._parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 
-    def timestamp(self) -> str:
-        """Now, as ISO 8601 UTC with milliseconds, formatted once per millisecond."""
-        millisecond = int(time.time() * 1000)
+    def timestamp(self, seconds: float) -> bytes:
+        """`seconds` since the epoch as ISO 8601 UTC with milliseconds, formatted once
+        per millisecond."""
+        millisecond = int(seconds * 1000)
         if millisecond != self._millisecond:
             self._millisecond = millisecond
             second, fraction = divmod(millisecond, 1000)
-            self._stamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{fraction:03d}+00:00"
+            self._stamp = b"%s.%03d+00:00" % (
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode(), fraction)
         return self._stamp
 
-    def write(self, line: dict[str, Any]) -> None:
-        if self.logger is not None:
-            self.logger.info(orjson.dumps(line).decode())
-            return
-        if not self.pending:
-            loop = asyncio.get_running_loop()
-            delay = self._flushed + FLUSH_INTERVAL_S - loop.time()
-            if delay > 0:
-                loop.call_later(delay, self.flush)
-            else:
-                loop.call_soon(self.flush)
-        # One growing buffer: a bytes object kept per line cost three times the encoding.
-        self.pending += orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+    def _encode(self, kind: tuple[Any, ...], payloads: _Payloads | None) -> tuple[bytes, bytes]:
+        """A line's JSON around its duration: from `"method"` to `"duration_ms":`, and
+        from `,"error"` to the end."""
+        labels, version, status, rows, errors, error, key, method, path = kind
+        line: dict[str, Any] = {
+            "method": method,
+            "path": path[:200],
+            "status": status,
+            "deployment": labels[0] or None,
+            "branch": labels[1] or None,
+            "version": version,
+            "rows": rows,
+            "row_errors": errors,
+            "duration_ms": 0,
+            "error": error,
+            "key_id": None if key is None else key.id,
+        }
+        if payloads is not None:
+            line["request_body"] = payloads.request[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
+            line["response_body"] = payloads.response[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
+        head, _, tail = orjson.dumps(line).partition(b'"duration_ms":0')
+        return head[1:] + b'"duration_ms":', tail + b"\n"
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        data = bytes(self.pending)
-        self.pending.clear()
-        try:
-            self._flushed = asyncio.get_running_loop().time()
-        except RuntimeError:  # at shutdown, after the loop
-            pass
+    def write(self, seen: list[Seen]) -> None:
+        # The wall clock now, less the monotonic one: each request's end as wall time.
+        epoch = time.time() - time.perf_counter()
+        parts = self._parts
+        lines = []
+        for labels, version, status, start, end, rows, errors, _, error, key, method, path, payloads in seen:
+            kind = (labels, version, status, rows, errors, error, key, method, path)
+            if payloads is not None:
+                head, tail = self._encode(kind, payloads)  # bodies differ: never kept
+            else:
+                found = parts.get(kind)
+                if found is None:
+                    if len(parts) >= LINE_CACHE:
+                        parts.clear()
+                    found = parts[kind] = self._encode(kind, None)
+                head, tail = found
+            # Milliseconds with three decimals, as `%d.%03d` of the microseconds: a float's repr costs more.
+            lines += (b'{"ts":"', self.timestamp(epoch + end), b'",', head,
+                      b"%d.%03d" % divmod(int((end - start) * 1e6), 1000), tail)
+        data = b"".join(lines)
+        if self.logger is None:
+            self._out(data)
+        else:
+            for line in data.splitlines():
+                self.logger.info(line.decode())
+
+    @staticmethod
+    def _out(data: bytes) -> None:
         try:
             sys.stderr.flush()  # what went to stderr before, first
             out = getattr(sys.stderr, "buffer", None)
@@ -227,7 +252,6 @@ class AccessLog:
             out.flush()
         except (OSError, ValueError):
             pass  # stderr closed or a broken pipe: losing log lines beats failing requests
-
 
 class _Payloads:
     """One request's bodies, as far as the log keeps them (`server.log_payloads`)."""
@@ -249,15 +273,59 @@ class _Payloads:
         return self._send(message)
 
 
-class ObserveMiddleware:
-    """Counts, times and logs every request; pure ASGI to stay cheap on the hot path."""
+# What a request leaves behind: its version's metric labels and number (UNRESOLVED and
+# None where no version was resolved), status,
+# start and end (perf_counter), rows, row errors, whether a batch, the name of the
+# exception it raised, its API key, method, path, and its bodies (`server.log_payloads`).
+Seen = tuple[tuple[str, str, str], Any, int, float, float, int, int, bool, Any, Any, str, str, Any]
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None, log: AccessLog | None,
-                 log_payloads: bool) -> None:
-        self.app = app
+
+class Observer:
+    """What the middleware saw, turned into metrics and log lines in bulk.
+
+    A request only leaves a tuple behind. Counting it and writing its log line
+    one request at a time cost a sixth of a one-row request's instructions,
+    and a write per request (or per event-loop turn) a tenth of single-row
+    throughput. They are done together for every request since: at most every
+    `FLUSH_INTERVAL_S` under load, at the end of its turn after a quiet spell,
+    before each scrape of `/metrics` and at shutdown.
+    """
+
+    def __init__(self, metrics: Metrics | None, log: AccessLog | None, log_payloads: bool) -> None:
         self.metrics = metrics
         self.log = log
         self.log_payloads = log_payloads and log is not None
+        self.seen: list[Seen] = []
+        self._flushed = -math.inf  # loop time of the last flush
+
+    def note(self, seen: Seen) -> None:
+        if not self.seen:
+            loop = asyncio.get_running_loop()
+            delay = self._flushed + FLUSH_INTERVAL_S - loop.time()
+            if delay > 0:
+                loop.call_later(delay, self.flush)
+            else:
+                loop.call_soon(self.flush)
+        self.seen.append(seen)
+
+    def flush(self) -> None:
+        seen, self.seen = self.seen, []
+        try:
+            self._flushed = asyncio.get_running_loop().time()
+        except RuntimeError:  # at shutdown, after the loop
+            pass
+        if seen and self.metrics is not None:
+            self.metrics.add(seen)
+        if seen and self.log is not None:
+            self.log.write(seen)
+
+
+class ObserveMiddleware:
+    """Times every request and notes what it did; pure ASGI to stay cheap on the hot path."""
+
+    def __init__(self, app: ASGIApp, observer: Observer) -> None:
+        self.app = app
+        self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPS_PATHS:
@@ -274,7 +342,7 @@ class ObserveMiddleware:
                 status = message["status"]
             return send(message)
 
-        payloads = _Payloads(receive, sending) if self.log_payloads else None
+        payloads = _Payloads(receive, sending) if self.observer.log_payloads else None
         try:
             if payloads is None:
                 await self.app(scope, receive, sending)
@@ -284,44 +352,28 @@ class ObserveMiddleware:
             scope.setdefault(SCOPE_ERROR, exc)
             raise
         finally:
-            self._done(scope, status, time.perf_counter() - start, payloads)
-
-    def _done(self, scope: Scope, status: int, seconds: float, payloads: _Payloads | None) -> None:
-        resolved = scope.get(SCOPE_CALL)
-        error = scope.get(SCOPE_ERROR)
-        if resolved is None:
-            labels, version, rows, errors, batch = UNRESOLVED, None, 0, 0, False
-        else:
-            runner, call = resolved
-            labels, version, batch = runner.labels, runner.version, call.batch
-            rows = len(call.ids) if batch else 1
-            errors = _row_errors(call, error)
-        if self.metrics is not None:
-            self.metrics.record(labels, status, seconds, rows, errors, batch)
-        if self.log is not None:
-            key = scope.get(SCOPE_KEY)
-            line: dict[str, Any] = {
-                "ts": self.log.timestamp(),
-                "method": scope["method"],
-                "path": scope["path"][:200],
-                "status": status,
-                "deployment": labels[0] or None,
-                "branch": labels[1] or None,
-                "version": version,
-                "rows": rows,
-                "row_errors": errors,
-                "duration_ms": int(seconds * 1e6) / 1000,  # not round(): a third of the cost
-                "error": None if error is None else type(error).__name__,
-                "key_id": None if key is None else key.id,
-            }
-            if payloads is not None:
-                line["request_body"] = payloads.request[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
-                line["response_body"] = payloads.response[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
-            self.log.write(line)
+            end = time.perf_counter()
+            resolved, error = scope.get(SCOPE_CALL), scope.get(SCOPE_ERROR)
+            if resolved is None:
+                labels, version, rows, errors, batch = UNRESOLVED, None, 0, 0, False
+            else:  # no call or runner is kept: they hold the request's rows, the version's model
+                runner, call = resolved
+                labels, version, batch = runner.labels, runner.version, call.batch
+                rows = len(call.ids) if batch else 1
+                errors = call.failed if error is None else _row_errors(call, error)
+            self.observer.note((labels, version, status, start, end, rows, errors, batch,
+                                None if error is None else type(error).__name__,
+                                scope.get(SCOPE_KEY), scope["method"], scope["path"], payloads))
 
 
-def routes(rt: Runtime, metrics: Metrics | None) -> list[Route]:
+def routes(rt: Runtime, metrics: Metrics | None, observer: Observer | None) -> list[Route]:
     """`/livez`, `/readyz`, and `/metrics` when metrics are on."""
+
+    async def scrape(request: Request) -> Response:
+        assert metrics is not None
+        if observer is not None:
+            observer.flush()  # the requests not counted yet
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def livez(request: Request) -> Response:
         # Answering at all is the proof: the event loop is not stuck.
@@ -339,5 +391,5 @@ def routes(rt: Runtime, metrics: Metrics | None) -> list[Route]:
 
     out = [Route("/livez", livez, methods=["GET"]), Route("/readyz", readyz, methods=["GET"])]
     if metrics is not None:
-        out.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
+        out.append(Route("/metrics", scrape, methods=["GET"]))
     return out
