@@ -36,11 +36,12 @@ import asyncio
 import logging
 import math
 import resource
+import threading
 import time
 from typing import Any, Callable
 
 from framework.config import SERVER_DEFAULTS
-from framework.preempt import Watchdog
+from framework.preempt import Preempted, Watchdog
 
 log = logging.getLogger("framework.runtime")
 
@@ -70,6 +71,12 @@ def _usage() -> tuple[float, int]:
     return time.thread_time(), switches
 
 
+class LoopInUse(Preempted):
+    """A call on the event loop raised RuntimeError, as `asyncio.run` does there since an
+    event loop is running: it runs again on the version's threads, and the version's
+    later calls on the loop run with no event loop running, as on a thread."""
+
+
 class InlinePolicy:
     """One version's cost estimate, and the decision it drives."""
 
@@ -95,6 +102,10 @@ class InlinePolicy:
         self.pool_wait = math.inf  # a decaying minimum of what pooled calls waited
         self.overruns = 0
         self.clean_calls = 0  # calls within budget since the last overrun
+        # Calls on the loop run with no event loop running (`LoopInUse`). Not from the
+        # start: unsetting and setting it again are three system calls (getpid) per
+        # call, 2-3% of single-row throughput, for the rare function that needs it.
+        self.loopless = False
 
     def cheap(self, rows: int) -> bool:
         """Whether a call of `rows` rows may run inline, or with the loop waiting for it."""
@@ -145,14 +156,7 @@ class InlinePolicy:
     def inline(self, work: Callable[[Any], Any], arg: Any, rows: int) -> Any:
         """`work(arg)` on the event loop; raises `Preempted` if it uses more than the wait."""
         assert self.watchdog is not None
-        # As on a thread, no event loop is running for the call: `asyncio.run` in a sync
-        # function (a wrapped async client) works the same wherever it runs.
-        loop = asyncio._get_running_loop()
-        asyncio._set_running_loop(None)
-        try:
-            out = self.watchdog.run(work, arg, self.wait)
-        finally:
-            asyncio._set_running_loop(loop)
+        out = (self._loopless if self.loopless else self.watchdog.run)(work, arg, self.wait)
         wall = time.perf_counter() - self.watchdog.wall0
         if wall <= self.budget:
             # Only counted: the estimate that put the call here stands (it falls on the
@@ -160,8 +164,9 @@ class InlinePolicy:
             self.clean()
             return out
         # Over budget: the CPU time is the call's cost, the rest it waited, on I/O or a
-        # lock inside library code the watchdog does not stop, or for the CPU.
-        cpu = time.thread_time() - self.watchdog.cpu0
+        # lock inside library code the watchdog does not stop, or for the CPU. Counted
+        # high where the watchdog did not see all of it: such a call leaves the loop.
+        cpu = self.watchdog.cpu_spent()
         self._learn(cpu, rows)
         waited = wall - cpu
         if waited > self.budget:  # measured on the threads again before it comes back
@@ -171,6 +176,28 @@ class InlinePolicy:
         else:
             self.clean()
         return out
+
+    def _loopless(self, work: Callable[[Any], Any], arg: Any, wait: float) -> Any:
+        """As on a thread, no event loop is running for the call: `asyncio.run` in a sync
+        function (a wrapped async client) works the same wherever it runs."""
+        assert self.watchdog is not None
+        loop = asyncio._get_running_loop()
+        asyncio._set_running_loop(None)
+        try:
+            return self.watchdog.run(work, arg, wait)
+        finally:
+            asyncio._set_running_loop(loop)
+
+    def failed(self, exc: BaseException) -> None:
+        """Raises LoopInUse where `exc`, a RuntimeError from this version's call running
+        on the event loop, may come from the event loop running there."""
+        wd = self.watchdog
+        if (isinstance(exc, RuntimeError) and not self.loopless and wd is not None and wd.running
+                and threading.get_ident() == wd.main):
+            self.loopless = True
+            log.info("%s raised RuntimeError on the event loop; running it again on its threads, "
+                     "and its later calls there with no event loop running", self.label)
+            raise LoopInUse(time.perf_counter() - wd.wall0) from exc
 
     def clean(self) -> None:
         """A call ran inline, or was waited for, within its budget."""

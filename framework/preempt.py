@@ -4,8 +4,9 @@ Calls measured cheap run on the event loop itself (`framework.inline`): no
 thread handoff, the fastest way to answer. A call that turns out slow for
 its input would then hold up every other request until it ended, past every
 time limit. So a watchdog thread looks every `PERIOD_S` at the call running
-on the loop; once one has used more CPU time than its limit, or has run for
-`BLOCKED_S` (it waits on something), the watchdog sends the main thread
+on the loop; once one has used more CPU time than its limit since the
+watchdog first saw it, or has run for `BLOCKED_S` (it waits on something),
+the watchdog sends the main thread
 SIGALRM, whose handler raises `Preempted` inside the call. The runner then
 runs the call again, from the start, on the version's threads. Such a call's
 function runs twice (the first time cut short), as it does when a client
@@ -23,10 +24,13 @@ deployment's own that takes a lock outside a `with` block, or keeps state
 across calls, can still be cut short between two statements.
 
 CPU time, not wall time: on a busy machine the OS takes the CPU away from
-any call now and then, which says nothing about the call. The watchdog needs
-the GIL to look, and the loop gives it up only after one switch interval
-(5 ms) when a call holds it, so a call is stopped within about its limit,
-plus `PERIOD_S`, plus 5 ms.
+any call now and then, which says nothing about the call. The watchdog reads
+the loop thread's CPU clock itself, from the first look that finds a call
+running: reading it at the start of every call was a system call per
+request, 3% of single-row throughput. The watchdog needs the GIL to look,
+and the loop gives it up only after one switch interval (5 ms) when a call
+holds it, so a call is stopped within about its limit plus two `PERIOD_S`,
+plus 5 ms, and at the latest after `BLOCKED_S` plus 5 ms.
 
 What it cannot stop, and neither can a thread: C code that holds the GIL
 (`sum(range(10**12))`). Nor a call that waits or computes inside library
@@ -78,13 +82,15 @@ class Watchdog:
         self.running = False  # a call is running on the loop
         self.started = 0  # calls started: which call is running, and whether the loop is busy
         self.limit = 0.0  # the running call's CPU seconds
-        self.cpu0 = 0.0  # the loop thread's CPU time when the running call started
         self.wall0 = 0.0  # perf_counter() when the running call started
+        # The call the watchdog last found running, first found at this perf_counter()
+        # and loop thread CPU time.
+        self.sighted = (0, 0.0, 0.0)
         self._target = -1  # the call the last signal was sent to stop
         self._dozing = False
         self._wake = threading.Event()
-        self._main = threading.main_thread().ident
-        self._clock = time.pthread_getcpuclockid(self._main)
+        self.main = threading.main_thread().ident  # the thread the loop, and its calls, run on
+        self._clock = time.pthread_getcpuclockid(self.main)
         signal.signal(signal.SIGALRM, self._on_signal)
         # System calls the signal arrives in are resumed, not failed with EINTR: C code
         # that does not retry, and a socket write half done, stay whole.
@@ -93,13 +99,12 @@ class Watchdog:
 
     def run(self, fn: Callable[[Any], Any], arg: Any, limit: float) -> Any:
         """`fn(arg)` here, on the loop; raises `Preempted` once it uses `limit` CPU seconds
-        or runs `BLOCKED_S`."""
+        (counted from the watchdog's first look at it) or runs `BLOCKED_S`."""
         self.started += 1
         # After `started` is counted, so that the watchdog either sees the count or is woken.
         if self._dozing:
             self._wake.set()
         self.limit = limit
-        self.cpu0 = time.thread_time()
         self.wall0 = time.perf_counter()
         try:
             self.running = True
@@ -111,6 +116,16 @@ class Watchdog:
         """The CPU seconds the event loop's thread has used so far, read from any thread."""
         return time.clock_gettime(self._clock)
 
+    def cpu_spent(self) -> float:
+        """On the loop's thread, after a call: no less than the CPU seconds it used. Its
+        CPU time since the watchdog first found it running, and all of its time before
+        that; its wall time where the watchdog never saw it."""
+        wall = time.perf_counter() - self.wall0
+        call, seen_at, cpu = self.sighted
+        if call != self.started:
+            return wall
+        return min(wall, seen_at - self.wall0 + time.thread_time() - cpu)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs on the main thread between two bytecodes: the call is checked here, not
         # when the signal was sent, so that a late signal cannot stop the next call.
@@ -121,13 +136,16 @@ class Watchdog:
         seen, idle_since = -1, time.perf_counter()
         while True:
             time.sleep(PERIOD_S)
-            call, now = self.started, time.perf_counter()
-            if self.running and (self.loop_cpu() - self.cpu0 >= self.limit
-                                 or now - self.wall0 >= BLOCKED_S):
-                self._target = call
-                if signal.getsignal(signal.SIGALRM) == self._on_signal:  # not replaced by user code
-                    signal.pthread_kill(self._main, signal.SIGALRM)
-            if self.running or self.started != seen:
+            call, now, running = self.started, time.perf_counter(), self.running
+            if running:
+                cpu = self.loop_cpu()
+                if self.sighted[0] != call:
+                    self.sighted = (call, now, cpu)
+                if cpu - self.sighted[2] >= self.limit or now - self.wall0 >= BLOCKED_S:
+                    self._target = call
+                    if signal.getsignal(signal.SIGALRM) == self._on_signal:  # not replaced by user code
+                        signal.pthread_kill(self.main, signal.SIGALRM)
+            if running or self.started != seen:
                 seen, idle_since = self.started, now
             elif now - idle_since >= DOZE_AFTER_S:
                 self._wake.clear()

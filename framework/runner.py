@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Iterator
 from framework import encoding
 from framework.batching import Batcher, Outcome
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
-from framework.inline import DECLARED_BUDGET, DEFAULT_WAIT_BUDGET, InlinePolicy
+from framework.inline import DECLARED_BUDGET, DEFAULT_WAIT_BUDGET, InlinePolicy, LoopInUse
 from framework.packaging import Loaded
 from framework.preempt import Preempted, Watchdog
 from framework.protocol import Binder, Call, error_text
@@ -70,6 +70,7 @@ class Runner:
         self.lane.close()
 
     def _failed(self, exc: BaseException, row_id: Any = None) -> str:
+        self.policy.failed(exc)  # may raise LoopInUse, to run the call again on the threads
         where = self.label if row_id is None else f"{self.label} row {row_id!r}"
         log.error("%s raised", where, exc_info=exc)
         return error_text(exc)
@@ -131,7 +132,8 @@ class Runner:
             try:
                 return policy.inline(work, arg, rows)
             except Preempted as stop:  # stopped partway: run it again from the start, off the loop
-                policy.overran(rows)
+                if not isinstance(stop, LoopInUse):
+                    policy.overran(rows)
                 cheap = False
                 timeout = None if timeout is None else max(timeout - stop.seconds, 0.0)
         if cheap and may_wait:

@@ -210,6 +210,8 @@ def test_an_inline_call_that_waits_in_library_code_sends_its_version_back_to_its
     assert runner.policy.overruns == 1
 
 
+# The one call asyncio.run refuses on the loop leaves its coroutine unawaited.
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_a_sync_function_that_runs_its_own_event_loop_works_once_it_runs_inline() -> None:
     def wrapped(x: int) -> list[Any]:  # a sync wrapper around an async client
         async def ask() -> int:
@@ -218,9 +220,35 @@ def test_a_sync_function_that_runs_its_own_event_loop_works_once_it_runs_inline(
 
         return [asyncio.run(ask()), threading.current_thread().name]
 
-    answers = [json.loads(a)["data"] for a in _threads(_runner(wrapped), 6)]
+    runner = _runner(wrapped)
+    answers = [json.loads(a)["data"] for a in _threads(runner, 6)]
     assert [a[0] for a in answers] == [2] * 6
-    assert answers[-1][1] == "MainThread"
+    # The first call on the loop was refused, ran again on a thread; the next ones ran on the loop.
+    assert answers[3][1] != "MainThread" and answers[-1][1] == "MainThread"
+    assert runner.policy.loopless and runner.policy.overruns == 0
+
+
+def test_a_runtime_error_on_the_loop_runs_the_call_again_once_then_fails_as_usual() -> None:
+    ran: list[str] = []
+
+    def picky(x: int) -> int:
+        ran.append(threading.current_thread().name)
+        if x < 0:
+            raise RuntimeError("negative input")
+        return x
+
+    runner = _runner(picky)
+    bad = b'{"data": [[1, -1], [2, 2]], "partial": true}'
+    answers = _threads(runner, 4, b'{"data": 1}', bad, bad)
+    assert answers[:4] == ['{"data":1}'] * 4
+    assert ran[3] == "MainThread"  # the fourth call ran on the loop
+    # The first failing batch on the loop stopped at its first row and ran again on a thread,
+    # both rows answered from there. The next one failed as usual, wherever it ran: once.
+    assert ran[4] == "MainThread" and ran[5] != "MainThread" and ran[6] != "MainThread"
+    assert len(ran) == 9
+    for answer in answers[4:]:
+        assert "RuntimeError: negative input" in answer and '"data":[[2,2]]' in answer
+    assert runner.policy.loopless and runner.policy.overruns == 0
 
 
 def test_an_inline_batch_that_turns_slow_is_stopped_and_every_row_answered() -> None:
