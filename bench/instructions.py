@@ -67,11 +67,11 @@ async def _child(kind: str, config: str | None, case: str, n: int) -> None:
         await _requests(bare_app.app, BODIES[case], n)
         return
     from framework import config as cfgmod
-    from framework import observe, preempt
+    from framework import accesslog, preempt
     from framework.app import create_app
 
     preempt.PERIOD_S = 1e9
-    observe.AccessLog.timestamp = lambda self, seconds: b"2026-01-01T00:00:00.000+00:00"  # type: ignore[method-assign]
+    accesslog.AccessLog.timestamp = lambda self, seconds: b"2026-01-01T00:00:00.000+00:00"  # type: ignore[method-assign]
     app = create_app(cfgmod.load(config))
     app.state.runtime.versions.ttl = 1e9
     app.middleware_stack = layer = app.build_middleware_stack()

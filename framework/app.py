@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework import config as cfgmod
 from framework import auth, encoding, observe, openapi, preempt, protocol, signing
+from framework.accesslog import AccessLog
 from framework.cache import VersionCache
 from framework.errors import (
     BadRequest,
@@ -39,6 +40,7 @@ from framework.errors import (
     StoreError,
     Unauthorized,
 )
+from framework.metrics import Metrics
 
 log = logging.getLogger("framework.runtime")
 
@@ -236,11 +238,11 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     rt = Runtime(cfg or cfgmod.load())
     s = rt.cfg.server
     debug = bool(s["debug"])
-    metrics = observe.Metrics(rt) if s["metrics"] else None
+    metrics = Metrics(rt) if s["metrics"] else None
     # Outermost first: the observer also sees (and logs) the answers of the key check.
     ring = auth.KeyRing(rt.store, required=s["require_api_keys"])
     middleware = [Middleware(auth.AuthMiddleware, ring=ring, on_error=error_response)]
-    access = observe.AccessLog() if s["access_log"] else None
+    access = AccessLog() if s["access_log"] else None
     observer = None
     if metrics is not None or access is not None:
         observer = observe.Observer(metrics, access, s["log_payloads"])

@@ -1,10 +1,11 @@
-"""Observability: Prometheus metrics, one JSON log line per request, liveness and readiness.
+"""Observability: what each request did, for the metrics and the access log;
+liveness and readiness.
 
 One pure ASGI middleware times each request and reads what the handlers left
 in the ASGI scope: `Runtime.infer` puts the resolved version's runner and the
 parsed call under SCOPE_CALL, the error handlers put the exception under
-SCOPE_ERROR. Metric labels come only from *resolved* versions, never from
-the raw URL, so random paths cannot blow up the number of series.
+SCOPE_ERROR. An `Observer` hands that, in bulk, to `framework.metrics` and
+`framework.accesslog`.
 
 `/metrics`, `/livez`, `/readyz` and `/healthz` are neither counted nor logged:
 they are scraped and probed every few seconds.
@@ -13,147 +14,30 @@ they are scraped and probed every few seconds.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-import sys
 import time
-from bisect import bisect_left
-from itertools import accumulate
-from typing import TYPE_CHECKING, Any, Awaitable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.utils import floatToGoString
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from framework.accesslog import AccessLog, Payloads
 from framework.errors import DeploymentFailed, RowsFailed, StoreError
+from framework.metrics import UNRESOLVED, Metrics
 
 if TYPE_CHECKING:
     from framework.app import Runtime
-    from framework.cache import VersionCache
 
 SCOPE_CALL = "framework.call"
 SCOPE_ERROR = "framework.error"
 SCOPE_KEY = "framework.key"  # the caller's auth.Key, where API keys are on
 OPS_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/healthz"})
-LABELS = ("deployment", "branch", "version")
-UNRESOLVED = ("", "", "")
-PAYLOAD_LOG_LIMIT = 64 * 1024
 FLUSH_INTERVAL_S = 0.05  # the most often access-log lines are written out
 CHUNK = 128  # requests counted and logged together
-LINE_CACHE = 4096  # kinds of request whose log line is kept encoded
-
-access_log = logging.getLogger("framework.access")
-
-
-class _LoadedVersions:
-    """`framework_loaded_versions`: one series per version held in memory, read at scrape time."""
-
-    def __init__(self, versions: VersionCache) -> None:
-        self.versions = versions
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "framework_loaded_versions", "Versions loaded in memory (1 per version)", labels=LABELS)
-        for v in self.versions.loaded():
-            family.add_metric([v["name"], v["branch"], str(v["version"])], 1)
-        yield family
-
-
-LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
-BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-
-
-class _Histogram:
-    """Bucket counts (not cumulative; the last is +Inf) and a sum, for one label set."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
-        buckets = list(zip(map(floatToGoString, self.bounds + (math.inf,)), accumulate(self.counts)))
-        family.add_metric(labels, buckets, self.total)
-
-
-class _Series:
-    """What one resolved version (or the unresolved requests) has counted."""
-
-    __slots__ = ("statuses", "rows", "row_errors", "latency", "batch")
-
-    def __init__(self) -> None:
-        self.statuses: dict[int, int] = {}
-        self.rows = 0
-        self.row_errors = 0
-        self.latency = _Histogram(LATENCY_BUCKETS)
-        self.batch = _Histogram(BATCH_BUCKETS)
-
-
-class Metrics:
-    """The server's Prometheus metrics, in a registry of its own (not the global one).
-
-    Counted in plain Python numbers and turned into metric families only when
-    scraped: prometheus-client's own Counter and Histogram take a lock and
-    look up a child per update, several times the cost of the rest of the
-    bookkeeping. Updates and scrapes both run on the event loop, so plain
-    numbers need no lock.
-    """
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.series: dict[tuple[str, str, str], _Series] = {}
-        self.registry = CollectorRegistry()
-        self.registry.register(self)
-        self.registry.register(_LoadedVersions(rt.versions))
-
-    def add(self, seen: list[Seen]) -> None:
-        for labels, _, status, start, end, rows, errors, batch, _, _, _, _, _ in seen:
-            series = self.series.get(labels)
-            if series is None:
-                series = self.series[labels] = _Series()
-            series.statuses[status] = series.statuses.get(status, 0) + 1
-            latency = series.latency
-            latency.counts[bisect_left(LATENCY_BUCKETS, end - start)] += 1  # bucket `le` holds values <= le
-            latency.total += end - start
-            series.rows += rows
-            series.row_errors += errors
-            if batch:
-                series.batch.counts[bisect_left(BATCH_BUCKETS, rows)] += 1
-                series.batch.total += rows
-
-    def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily("framework_requests", "Requests answered, by status",
-                                       labels=LABELS + ("status",))
-        rows = CounterMetricFamily("framework_rows", "Rows run (1 per single call)", labels=LABELS)
-        row_errors = CounterMetricFamily(
-            "framework_row_errors", "Rows whose function raised or whose result could not be encoded",
-            labels=LABELS)
-        latency = HistogramMetricFamily("framework_request_duration_seconds",
-                                        "Time to answer a request", labels=LABELS)
-        batch = HistogramMetricFamily("framework_batch_rows", "Rows per batch request", labels=LABELS)
-        for key, series in list(self.series.items()):
-            labels = list(key)
-            for status, count in series.statuses.items():
-                requests.add_metric(labels + [str(status)], count)
-            rows.add_metric(labels, series.rows)
-            row_errors.add_metric(labels, series.row_errors)
-            series.latency.add_to(latency, labels)
-            series.batch.add_to(batch, labels)
-        inflight = GaugeMetricFamily("framework_requests_in_flight", "Inference requests being answered")
-        inflight.add_metric([], self.rt.inflight)
-        yield from (requests, rows, row_errors, latency, batch, inflight)
 
 
 def _row_errors(call: Any, error: BaseException | None) -> int:
@@ -162,126 +46,6 @@ def _row_errors(call: Any, error: BaseException | None) -> int:
     if isinstance(error, DeploymentFailed):
         return 1
     return call.failed
-
-
-class AccessLog:
-    """JSON lines on stderr, or through the `framework.access` logger where the
-    embedding application gave it handlers.
-
-    Most requests differ from an earlier one only in their time and duration:
-    the rest of their line is encoded once per kind of request (deployment,
-    path, status, rows, error, key) and kept, up to `LINE_CACHE` kinds: a
-    dictionary encoded per line cost 11,000 instructions a one-row request,
-    this 6,800.
-    """
-
-    def __init__(self) -> None:
-        self.logger = access_log if access_log.handlers else None
-        self.lines: list[bytes] = []  # encoded, not written yet
-        self._millisecond = -1
-        self._stamp = b""
-        self._parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
-
-    def timestamp(self, seconds: float) -> bytes:
-        """`seconds` since the epoch as ISO 8601 UTC with milliseconds, formatted once
-        per millisecond."""
-        millisecond = int(seconds * 1000)
-        if millisecond != self._millisecond:
-            self._millisecond = millisecond
-            second, fraction = divmod(millisecond, 1000)
-            self._stamp = b"%s.%03d+00:00" % (
-                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode(), fraction)
-        return self._stamp
-
-    def _around(self, kind: tuple[Any, ...], payloads: _Payloads | None) -> tuple[bytes, bytes]:
-        """A line's JSON around its duration: from `"method"` to `"duration_ms":`, and
-        from `,"error"` to the end."""
-        labels, version, status, rows, errors, error, key, method, path = kind
-        line: dict[str, Any] = {
-            "method": method,
-            "path": path[:200],
-            "status": status,
-            "deployment": labels[0] or None,
-            "branch": labels[1] or None,
-            "version": version,
-            "rows": rows,
-            "row_errors": errors,
-            "duration_ms": 0,
-            "error": error,
-            "key_id": None if key is None else key.id,
-        }
-        if payloads is not None:
-            line["request_body"] = payloads.request[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
-            line["response_body"] = payloads.response[:PAYLOAD_LOG_LIMIT].decode("utf-8", "replace")
-        head, _, tail = orjson.dumps(line).partition(b'"duration_ms":0')
-        return head[1:] + b'"duration_ms":', tail + b"\n"
-
-    def encode(self, seen: list[Seen]) -> None:
-        """The lines of `seen`, kept for `write`."""
-        # The wall clock now, less the monotonic one: each request's end as wall time.
-        epoch = time.time() - time.perf_counter()
-        parts = self._parts
-        lines = self.lines
-        for labels, version, status, start, end, rows, errors, _, error, key, method, path, payloads in seen:
-            kind = (labels, version, status, rows, errors, error, key, method, path)
-            if payloads is not None:
-                head, tail = self._around(kind, payloads)  # bodies differ: never kept
-            else:
-                found = parts.get(kind)
-                if found is None:
-                    if len(parts) >= LINE_CACHE:
-                        parts.clear()
-                    found = parts[kind] = self._around(kind, None)
-                head, tail = found
-            # Milliseconds with three decimals, as `%d.%03d` of the microseconds: a float's repr costs more.
-            lines += (b'{"ts":"', self.timestamp(epoch + end), b'",', head,
-                      b"%d.%03d" % divmod(int((end - start) * 1e6), 1000), tail)
-
-    def write(self) -> None:
-        """Writes out the lines encoded so far."""
-        if not self.lines:
-            return
-        data = b"".join(self.lines)
-        self.lines.clear()
-        if self.logger is None:
-            self._out(data)
-        else:
-            for line in data.splitlines():
-                self.logger.info(line.decode())
-
-    @staticmethod
-    def _out(data: bytes) -> None:
-        try:
-            sys.stderr.flush()  # what went to stderr before, first
-            out = getattr(sys.stderr, "buffer", None)
-            if out is None:  # stderr replaced by a text-only stream
-                sys.stderr.write(data.decode())
-                sys.stderr.flush()
-                return
-            out.write(data)
-            out.flush()
-        except (OSError, ValueError):
-            pass  # stderr closed or a broken pipe: losing log lines beats failing requests
-
-
-class _Payloads:
-    """One request's bodies, as far as the log keeps them (`server.log_payloads`)."""
-
-    def __init__(self, receive: Receive, send: Send) -> None:
-        self._receive, self._send = receive, send
-        self.request = bytearray()
-        self.response = bytearray()
-
-    async def receive(self) -> Message:
-        message = await self._receive()
-        if message["type"] == "http.request" and len(self.request) < PAYLOAD_LOG_LIMIT:
-            self.request += message.get("body", b"")
-        return message
-
-    def send(self, message: Message) -> Awaitable[None]:
-        if message["type"] == "http.response.body" and len(self.response) < PAYLOAD_LOG_LIMIT:
-            self.response += message.get("body", b"")
-        return self._send(message)
 
 
 # What a request leaves behind: its version's metric labels and number (UNRESOLVED and
@@ -366,7 +130,7 @@ class ObserveMiddleware:
                 status = message["status"]
             return send(message)
 
-        payloads = _Payloads(receive, sending) if self.observer.log_payloads else None
+        payloads = Payloads(receive, sending) if self.observer.log_payloads else None
         try:
             if payloads is None:
                 await self.app(scope, receive, sending)
