@@ -7,6 +7,7 @@ runtime app turns what these raise into status codes.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from dataclasses import dataclass
 from operator import itemgetter
@@ -41,11 +42,36 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, (int, str))
 
 
+# Digits to "0", every other byte to ".": a body with 19 digits in a row may hold an
+# integer orjson cannot read exactly (beyond 64 bits, it reads a float).
+_DIGITS = bytes(48 if 48 <= b <= 57 else 46 for b in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise BadRequest(f"the integer {text[:24]}... is beyond 64 bits; send it as a string")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(body: bytes) -> Any:
+    """orjson's reading of `body`, or Python's, where it may hold an integer beyond 64 bits:
+    refused, rather than read as a float (a changed id, a wrong result)."""
+    if _LONG_RUN not in body.translate(_DIGITS):  # 0.2 us a one-row body, 60 us a 100 kB one
+        return orjson.loads(body)
+    return json.loads(body, parse_int=_int64, parse_constant=_constant)
+
+
 def parse(body: bytes) -> Call:
     """Parse a request body, whatever its Content-Type said."""
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        doc = _loads(body)
+    except ValueError as exc:  # orjson's and json's JSONDecodeError, a UnicodeDecodeError
         raise BadRequest(
             f'request body is not valid JSON ({exc}); send {{"data": ...}}'
         ) from None

@@ -206,9 +206,21 @@ def test_unencodable_result_is_a_row_error_naming_its_type(sample):
     (b'{"data": 1, "batch": "yes"}', '"batch"'),
     (b'{"data": 1, "timeout_seconds": -1}', '"timeout_seconds"'),
     (b'{"data": 1, "response_webhook": "http://127.0.0.1:1/"}', '"response_webhook"'),
+    (b'{"data": [[1, 123456789012345678901234]]}', "beyond 64 bits"),
+    (b'{"data": [[-9223372036854775809, 1]]}', "beyond 64 bits"),
+    (b'{"data": [NaN, "12345678901234567890"]}', "not valid JSON"),
 ])
 def test_malformed_bodies_are_400(sample, body, fragment):
     assert_error(sample.post("/v1/echo/latest", body), 400, fragment)
+
+
+def test_integers_to_64_bits_and_long_digit_strings_come_back_exactly(sample):
+    body = (b'{"data": [[18446744073709551615, "12345678901234567890123"], '
+            b'[-9223372036854775808, 0.12345678901234567891]]}')
+    resp = sample.post("/v1/echo/latest", body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"] == [[-9223372036854775808, 0.12345678901234568],
+                                   [18446744073709551615, "12345678901234567890123"]]
 
 
 def test_tolerated_keys(sample):
