@@ -51,7 +51,8 @@ _LONG_RUN = b"0" * 19
 def _int64(text: str) -> int:
     value = int(text)
     if not -(2**63) <= value < 2**64:
-        raise BadRequest(f"the integer {text[:24]}... is beyond 64 bits; send it as a string")
+        shown = text if len(text) <= 24 else text[:21] + "..."
+        raise BadRequest(f"the integer {shown} is beyond 64 bits; send it as a string")
     return value
 
 
