@@ -49,9 +49,9 @@ def _row_errors(call: Any, error: BaseException | None) -> int:
 
 
 # What a request leaves behind: its version's metric labels and number (UNRESOLVED and
-# None where no version was resolved), status,
-# start and end (perf_counter), rows, row errors, whether a batch, the name of the
-# exception it raised, its API key, method, path, and its bodies (`server.log_payloads`).
+# None where no version was resolved), status, start and end (perf_counter), rows, row
+# errors, whether a batch, the name of the exception it raised, its API key, method,
+# path, and its bodies (`server.log_payloads`).
 Seen = tuple[tuple[str, str, str], Any, int, float, float, int, int, bool, Any, Any, str, str, Any]
 
 
