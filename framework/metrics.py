@@ -59,6 +59,10 @@ class _Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bucket `le` holds values <= le
+        self.total += value
+
     def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
         buckets = list(zip(map(floatToGoString, self.bounds + (math.inf,)), accumulate(self.counts)))
         family.add_metric(labels, buckets, self.total)
@@ -100,14 +104,11 @@ class Metrics:
             if series is None:
                 series = self.series[labels] = _Series()
             series.statuses[status] = series.statuses.get(status, 0) + 1
-            latency = series.latency
-            latency.counts[bisect_left(LATENCY_BUCKETS, end - start)] += 1  # bucket `le` holds values <= le
-            latency.total += end - start
+            series.latency.observe(end - start)
             series.rows += rows
             series.row_errors += errors
             if batch:
-                series.batch.counts[bisect_left(BATCH_BUCKETS, rows)] += 1
-                series.batch.total += rows
+                series.batch.observe(rows)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("framework_requests", "Requests answered, by status",
