@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import hashlib
 import fcntl
 import os
 import re
@@ -100,6 +101,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def update_keys(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Run `change` on the keys document under a lock, then replace it atomically."""
+
+    # -- small shared documents (jobs, leases, results, secrets), by key ---------
+    # A key is '/'-separated segments of [A-Za-z0-9._-] (no '.' or '..' segment),
+    # such as "jobs/<id>.json". An etag is an opaque string that changes whenever
+    # the document does; it is what compare-and-swap is conditioned on
+    # (`If-Match` on S3), and `create=True` is `If-None-Match: *`.
+
+    @abc.abstractmethod
+    def read_doc(self, key: str) -> tuple[bytes, str] | None:
+        """The document's bytes and etag, or None when there is no such document."""
+
+    @abc.abstractmethod
+    def write_doc(self, key: str, data: bytes, *, etag: str | None = None,
+                  create: bool = False) -> str | None:
+        """Write `key` atomically; returns its new etag, or None when the condition failed:
+        with `create`, the document already existed; with `etag`, it had changed (or was gone)."""
+
+    @abc.abstractmethod
+    def delete_doc(self, key: str) -> None:
+        """Remove `key`; no error when it is already gone."""
+
+    @abc.abstractmethod
+    def list_docs(self, prefix: str) -> list[str]:
+        """The keys under `prefix` (a key prefix such as "jobs/"), sorted."""
 
     def check_writable(self) -> None:
         """Raise StoreError now if `publish` could not write, so a deploy fails before packaging.
@@ -291,6 +316,63 @@ class LocalStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot read API keys from {self.root}: {exc.strerror}") from exc
 
+    # -- small documents: <root>/docs/<key>; the etag is the content's sha256 -----
+
+    def _doc_path(self, key: str) -> Path:
+        return self.root / "docs" / check_doc_key(key)
+
+    def read_doc(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._doc_path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read document {key!r} in the store: {exc.strerror}") from exc
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_doc(self, key: str, data: bytes, *, etag: str | None = None,
+                  create: bool = False) -> str | None:
+        path = self._doc_path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.root / "docs" / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time makes the check-and-set atomic
+                if create or etag is not None:
+                    current = self.read_doc(key)
+                    if create and current is not None:
+                        return None
+                    if etag is not None and (current is None or current[1] != etag):
+                        return None
+                tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+                try:
+                    _write(tmp, data)
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot write document {key!r} in the store: {exc.strerror}") from exc
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_doc(self, key: str) -> None:
+        try:
+            self._doc_path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot delete document {key!r} in the store: {exc.strerror}") from exc
+
+    def list_docs(self, prefix: str) -> list[str]:
+        base = self.root / "docs"
+        if not base.is_dir():
+            return []
+        found = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = Path(dirpath).relative_to(base)
+            for f in filenames:
+                if not f.startswith("."):
+                    key = f if rel == Path(".") else f"{rel.as_posix()}/{f}"
+                    if key.startswith(prefix):
+                        found.append(key)
+        return sorted(found)
+
     def update_keys(self, change: Callable[[dict[str, Any]], None]) -> None:
         self.check_writable()
         with open(self.root / ".keys.lock", "a") as lock:
@@ -306,6 +388,17 @@ class LocalStore(Store):
                 raise StoreError(
                     f"cannot write API keys in {self.root}: {exc.strerror}; fix the store's permissions"
                 ) from exc
+
+
+DOC_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def check_doc_key(key: object) -> str:
+    if not isinstance(key, str) or not DOC_KEY_RE.match(key) or any(
+        part in (".", "..") for part in key.split("/")
+    ):
+        raise StoreError(f"invalid document key {key!r}: use '/'-separated [A-Za-z0-9._-] segments")
+    return key
 
 
 def _write(path: Path, data: bytes) -> None:
