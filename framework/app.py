@@ -20,7 +20,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework import config as cfgmod
-from framework import auth, encoding, observe, openapi, preempt, protocol, signing
+from framework import auth, encoding, observe, openapi, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
 from framework.errors import (
@@ -166,9 +166,8 @@ class Runtime:
         self.timeout = float(s["timeout_seconds"])
         self.max_inflight = s["max_concurrency"]
         self.inflight = 0
-        self.versions = VersionCache(self.store, size=s["cache_size"], threads=s["threads_per_version"],
-                                     inline_budget=s["inline_budget_ms"] / 1000,
-                                     wait_budget=s["wait_budget_ms"] / 1000)
+        self.versions = VersionCache(self.store, size=s["cache_size"], max_bytes=s["cache_bytes"],
+                                     isolation=s["isolation"])
 
     async def infer(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/<name>/<ref>: an ASGI app, not a Starlette endpoint. The request
@@ -273,10 +272,6 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Here, on the event loop's thread: signals reach Python code on the main thread only.
-        rt.versions.watchdog = preempt.install()
-        if rt.versions.watchdog is None:
-            log.info("the event loop is not on the main thread: no calls run on it")
         yield
         rt.versions.close()
         if observer is not None:

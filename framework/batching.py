@@ -5,8 +5,8 @@ and while it runs the next requests queue up. A call takes queued requests
 whole, up to `max_rows` rows (a larger request is split into chunks of that
 size), after waiting at most `max_wait` seconds for the call to fill up.
 Each request gets back its own rows' outcomes. When a call that mixed several
-requests fails, each of them is run again on its own, so one caller's bad row
-fails only that caller.
+requests fails, every one of them gets that failure: running them again on
+their own would run the function twice over the same rows.
 """
 
 from __future__ import annotations
@@ -103,11 +103,6 @@ class Batcher:
     async def _run(self, jobs: list[_Job]) -> None:
         rows = jobs[0].rows if len(jobs) == 1 else [r for job in jobs for r in job.rows]
         ok, value = await self.call(rows)
-        if not ok and len(jobs) > 1:
-            for job in jobs:
-                if not job.future.done():
-                    await self._run([job])
-            return
         start = 0
         for job in jobs:
             n = len(job.rows)

@@ -3,15 +3,22 @@
 `latest` and aliases are re-read from the store at most every `ttl` seconds,
 so a running server sees a new version within about a second without a disk
 read per request. A version number, once seen, never changes: it is cached
-for good. Loaded versions live in a bounded LRU; each is loaded once even when
-many requests ask for it at the same time, on a thread pool of its own (a slow
-`setup` cannot starve the resolving of other deployments). A version that
-failed to load is not retried for `FAILED_TTL` seconds.
+for good. Loaded versions live in an LRU bounded in count (`cache_size`) and
+in bytes (`cache_bytes`, a version counted at its artifact's size); each is
+loaded once even when many requests ask for it at the same time, on a thread
+pool of its own (a slow `setup` cannot starve the resolving of other
+deployments). An evicted version is closed: its threads or worker processes
+end once the calls it already has are done, and its memory is given back to
+the system. A version that failed to load is not retried for `FAILED_TTL`
+seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import math
 import time
 from collections import OrderedDict
@@ -27,8 +34,7 @@ from framework.errors import (
     LoadFailed,
     NotFound,
 )
-from framework.inline import DEFAULT_WAIT_BUDGET
-from framework.preempt import Watchdog
+from framework.isolation import ProcessLane
 from framework.protocol import error_text
 from framework.runner import Runner
 from framework.store import Store, check_branch
@@ -36,19 +42,40 @@ from framework.store import Store, check_branch
 Key = tuple[str, str, int]
 FAILED_TTL = 5.0
 LOAD_THREADS = 4
+# After an eviction, memory is given back once the evicted version's last calls are done.
+TRIM_AFTER_S = 0.2
+# glibc's M_MMAP_THRESHOLD: allocations from this size up get pages of their own, given
+# back to the system when freed. Left dynamic, glibc raises it to the largest block freed
+# so far, and a model's arrays freed on eviction then stay in the heap.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, which hands freed heap back to the system; None elsewhere.
+    Fixes the mmap threshold on the way, for the same reason."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None:
+            return None
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class VersionCache:
-    def __init__(self, store: Store, *, size: int, threads: int, inline_budget: float = 0.0,
-                 wait_budget: float = DEFAULT_WAIT_BUDGET,
+    def __init__(self, store: Store, *, size: int, max_bytes: int = 0, isolation: str = "thread",
                  ttl: float = 0.5) -> None:
         self.store = store
         self.size = size
-        self.threads = threads
-        self.inline_budget = inline_budget
-        self.wait_budget = wait_budget
+        self.max_bytes = max_bytes  # 0: no bound in bytes
+        self.isolation = isolation  # the server's default; @deployment(isolation=...) wins
         self.ttl = ttl
-        self.watchdog: Watchdog | None = None  # set at startup, on the event loop's thread
+        self.bytes = 0
+        self._trim = _malloc_trim()
+        self._trim_pending = False
         self._refreshing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._loaded: OrderedDict[Key, Runner] = OrderedDict()
@@ -129,17 +156,52 @@ class VersionCache:
             if isinstance(fut.exception(), LoadFailed):
                 self._failed[key] = (fut.exception(), time.monotonic() + FAILED_TTL)
             return
-        self._loaded[key] = fut.result()
-        # An evicted version is only dropped, not closed: requests may still be
-        # running or queued on its threads. Its threads exit once idle for a while
-        # (`framework.threads.IDLE_EXIT_S`).
-        while len(self._loaded) > self.size:
-            self._loaded.popitem(last=False)
+        runner = fut.result()
+        self._loaded[key] = runner
+        self.bytes += runner.size_bytes
+        evicted = False
+        while len(self._loaded) > self.size or (
+                self.max_bytes and self.bytes > self.max_bytes and len(self._loaded) > 1):
+            _, old = self._loaded.popitem(last=False)
+            self.bytes -= old.size_bytes
+            old.close()  # calls it already has still run; then its threads or workers end
+            evicted = True
+        if evicted and not self._trim_pending:
+            self._trim_pending = True
+            asyncio.get_running_loop().call_later(TRIM_AFTER_S, self._give_back)
+
+    def _give_back(self) -> None:
+        """Collect what evicted versions left (model objects in cycles), then hand the
+        freed heap back to the system, off the event loop."""
+        self._trim_pending = False
+
+        def collect() -> None:
+            gc.collect()
+            if self._trim is not None:
+                self._trim(0)
+
+        try:
+            self._load_pool.submit(collect)
+        except RuntimeError:  # shutting down
+            pass
 
     def _load(self, key: Key) -> Runner:
         branch, name, version = key
         manifest = self.store.read_manifest(branch, name, version)
         artifact = self.store.read_artifact(branch, name, version)
+        options = manifest.get("options") or {}
+        concurrency = options.get("concurrency", 1)
+        if (options.get("isolation") or self.isolation) == "process":
+            label = f"{name} v{version} ({branch})"
+            lane = ProcessLane(concurrency, label, artifact, manifest)  # unpickled there, not here
+            runner = Runner(manifest, lane, signature=lane.signature)
+        else:
+            runner = self._load_here(manifest, artifact, concurrency)
+        runner.size_bytes = len(artifact)
+        return runner
+
+    def _load_here(self, manifest: dict[str, Any], artifact: bytes, concurrency: int) -> Runner:
+        name, version, branch = manifest["name"], manifest["version"], manifest["branch"]
         try:
             loaded = packaging.load(artifact, manifest)
         except (IntegrityError, IncompatibleArtifact, NotFound):
@@ -149,8 +211,8 @@ class VersionCache:
                 f"cannot load {name} v{version} ({branch}); deploy a fixed version or roll back "
                 f"(`framework rollback {name}`):\n{error_text(exc)}"
             ) from exc
-        return Runner(loaded, threads=self.threads, inline_budget=self.inline_budget,
-                      wait_budget=self.wait_budget, watchdog=self.watchdog)
+        return Runner(manifest, fn=loaded.fn, concurrency=concurrency,
+                      is_async=asyncio.iscoroutinefunction(loaded.fn))
 
     def loaded(self) -> list[dict[str, Any]]:
         return [{"branch": b, "name": n, "version": v} for b, n, v in self._loaded]

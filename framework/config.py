@@ -28,15 +28,11 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "max_concurrency": 1024,
     "timeout_seconds": 300.0,
     "cache_size": 64,
-    "threads_per_version": 8,
-    # Sync calls measured under this much CPU time run on the event loop, not a thread;
-    # one that uses twice this is stopped and run again on a thread. 0: none do
-    # (see README "Performance").
-    "inline_budget_ms": 2.0,
-    # Where calls cannot run on the loop (or inline_budget_ms is 0), those measured
-    # under this much time each run on their thread while the event loop waits for
-    # them (at most twice this). 0: the loop never waits.
-    "wait_budget_ms": 2.0,
+    # Loaded versions kept, in bytes of their artifacts (0: no bound but cache_size).
+    "cache_bytes": 4 * 1024**3,
+    # Where sync deployments run unless they say: "thread" (their own threads in the
+    # server) or "process" (warm worker processes); see docs/execution.md.
+    "isolation": "thread",
     "debug": False,
     # Operations and security (README "Operations and security").
     "require_api_keys": False,
@@ -48,9 +44,10 @@ SERVER_DEFAULTS: dict[str, Any] = {
 # The smallest value each numeric server setting may take.
 SERVER_MINIMUMS: dict[str, float] = {
     "port": 1, "workers": 1, "max_body_bytes": 1, "max_concurrency": 1,
-    "timeout_seconds": 0.001, "cache_size": 1, "threads_per_version": 1, "inline_budget_ms": 0,
-    "wait_budget_ms": 0,
+    "timeout_seconds": 0.001, "cache_size": 1, "cache_bytes": 0,
 }
+# The values a string setting may take.
+SERVER_CHOICES: dict[str, tuple[str, ...]] = {"isolation": ("thread", "process")}
 
 TOP_KEYS = {"store", "branch", "modules", "aliases", "server"}
 
@@ -90,6 +87,9 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
         )
         if not ok:
             raise _fail(path, f"server.{key}", f"must be a {want.__name__}, got {value!r}", "fix it")
+        if key in SERVER_CHOICES and value not in SERVER_CHOICES[key]:
+            raise _fail(path, f"server.{key}", f"must be one of {list(SERVER_CHOICES[key])}, "
+                        f"got {value!r}", "pick one")
         if key in SERVER_MINIMUMS and value < SERVER_MINIMUMS[key]:
             raise _fail(path, f"server.{key}", f"must be at least {SERVER_MINIMUMS[key]:g}, "
                         f"got {value!r}", "raise it")

@@ -63,6 +63,10 @@ class DeploymentFailed(FrameworkError):
     """The user's function raised on a single call."""
 
 
+class WorkerCrashed(DeploymentFailed):
+    """The worker process of an isolated version died while running a call."""
+
+
 class RowsFailed(FrameworkError):
     """At least one row of a batch raised; carries every row's outcome."""
 

@@ -120,8 +120,31 @@ def _check_vectorizable(fn: Callable[..., Any]) -> None:
         )
 
 
+ISOLATIONS = ("thread", "process")
+
+
+def _execution(inline: Any, concurrency: Any, isolation: Any) -> dict[str, Any]:
+    """Where calls run (see docs/execution.md), checked; only what was declared is recorded."""
+    if inline is not None and not isinstance(inline, bool):
+        raise RegistryError(f"inline must be True or False, got {inline!r}")
+    if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
+        raise RegistryError(
+            f"concurrency must be a whole number >= 1 (the threads or processes that may call "
+            f"one loaded version at once), got {concurrency!r}")
+    if isolation is not None and isolation not in ISOLATIONS:
+        raise RegistryError(f"isolation must be one of {list(ISOLATIONS)}, got {isolation!r}")
+    if inline and (concurrency not in (None, 1) or isolation == "process"):
+        raise RegistryError(
+            "inline=True runs every call on the server's event loop, one at a time: it cannot "
+            "be combined with concurrency > 1 or isolation='process'; drop one of them")
+    declared = {"inline": inline, "concurrency": concurrency, "isolation": isolation}
+    return {k: v for k, v in declared.items() if v is not None}
+
+
 def _make_options(python_packages: Any, setup: Any, vectorized: Any = False,
-                  inline: Any = None, **batching: Any) -> Options:
+                  inline: Any = None, concurrency: Any = None, isolation: Any = None,
+                  **batching: Any) -> Options:
     if isinstance(python_packages, str) or not all(
         isinstance(p, str) and p.strip() for p in (python_packages or ())
     ):
@@ -131,11 +154,7 @@ def _make_options(python_packages: Any, setup: Any, vectorized: Any = False,
         )
     if setup is not None and not callable(setup):
         raise RegistryError(f"setup must be a function taking no arguments, got {setup!r}")
-    if inline is not None and not isinstance(inline, bool):
-        raise RegistryError(f"inline must be True, False or left out, got {inline!r}")
-    extra = _batching(vectorized, batching)
-    if inline is not None:
-        extra["inline"] = inline
+    extra = {**_batching(vectorized, batching), **_execution(inline, concurrency, isolation)}
     return Options(python_packages=tuple(python_packages or ()), setup=setup, extra=extra)
 
 
@@ -186,13 +205,14 @@ def deployment(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     requests are then gathered into calls of at most `max_batch_rows` rows, waiting
     at most `max_wait_ms` for more rows when a call is not full.
 
-    Calls measured cheap run on the event loop, skipping a thread hop, where the
-    server's `inline_budget_ms` allows (see README). `inline=False` keeps every
-    call on the version's threads: for a function that must never be stopped
-    partway and run again. `inline=True` runs it on the loop even on a server
-    whose budget is 0.
+    Where calls run (docs/execution.md): on the version's own threads, at most
+    `concurrency` at once (default 1, so a model that is not thread-safe is
+    safe); in warm worker processes with `isolation="process"`; on the event
+    loop itself with `inline=True`, the author's promise that the function is
+    pure, sub-millisecond and never blocks.
     """
-    allowed = {"name", "python_packages", "setup", "vectorized", "inline", *BATCH_DEFAULTS}
+    allowed = {"name", "python_packages", "setup", "vectorized", "inline", "concurrency",
+               "isolation", *BATCH_DEFAULTS}
     unknown = set(options) - allowed
     if unknown:
         raise RegistryError(

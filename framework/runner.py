@@ -1,160 +1,97 @@
-"""Running a parsed call against one loaded version.
+"""Running a parsed call against one loaded version: where each kind of call runs.
 
-Where a call runs:
 - `async def` functions are awaited on the event loop.
-- Sync functions run on threads owned by the version (`framework.threads`),
-  a whole batch in one hop: a deployment that blocks uses up only its own
-  threads, and time limits still fire. Calls measured cheap run on the
-  event loop itself, where a watchdog stops any that overruns
-  (`framework.inline` decides, `framework.preempt` stops).
+- Sync functions declared `@deployment(inline=True)` run on the event loop:
+  the author's promise that they are pure, sub-millisecond and never block.
+- Every other sync function runs on the version's own threads
+  (`framework.threads`, `concurrency` of them, 1 by default), a whole request
+  in one hop, its answer encoded there too; or, with `isolation="process"`,
+  in the version's worker processes (`framework.isolation`).
 - Vectorized functions (`@deployment(vectorized=True)`) get every row of a
   call at once, one list per parameter; concurrent requests are gathered into
   such calls by `framework.batching.Batcher`.
+
+A call runs at most once: nothing here runs one again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
-from itertools import starmap
-from operator import itemgetter
-from typing import Any, Awaitable, Callable, Iterator
+import time
+from typing import Any, Awaitable, Callable
 
-from framework import encoding
 from framework.batching import Batcher, Outcome
+from framework.calls import Answer, Calls, Failures, batch_answer, single_answer, vector_result
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
-from framework.inline import DECLARED_BUDGET, DEFAULT_WAIT_BUDGET, InlinePolicy, LoopInUse
-from framework.packaging import Loaded
-from framework.preempt import Preempted, Watchdog
-from framework.protocol import Binder, Call, error_text
+from framework.protocol import Binder, Call
 from framework.threads import Lane
 
-log = logging.getLogger("framework.runtime")
-
-# What a deployment may raise and still get an answer: SystemExit and
-# KeyboardInterrupt from user code are its failures, not the server's. Not
-# BaseException in async code, so asyncio's CancelledError still ends timed-out
-# calls; sync code cannot be cancelled, so whatever it raises is its failure,
-# except `Preempted`: the watchdog stopping it on the loop, to run it again elsewhere.
+# What an async deployment may raise and still get an answer. Not BaseException:
+# asyncio's CancelledError must still end timed-out calls.
 USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
-SYNC_ERRORS = BaseException
-_ARG = itemgetter(1)
-_ARGS = itemgetter(slice(1, None))
+# Answers with more rows than this are encoded off the event loop.
+OFFLOAD_ROWS = 2000
+NO_DEADLINE = float("inf")
+
+
+class Executor:
+    """What runs a version's sync calls: `threads.Lane` or `isolation.ProcessLane`."""
+
+    def submit(self, kind: str, arg: Any, deadline: float) -> asyncio.Future[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _stand_in(signature: inspect.Signature | None) -> Callable[..., Any]:
+    """A function with `signature`, to bind rows for a function that lives in another process."""
+    def stand_in(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("never called")
+
+    if signature is not None:
+        stand_in.__signature__ = signature  # type: ignore[attr-defined]
+    return stand_in
 
 
 class Runner:
-    def __init__(self, loaded: Loaded, *, threads: int, inline_budget: float = 0.0,
-                 wait_budget: float = DEFAULT_WAIT_BUDGET, watchdog: Watchdog | None = None) -> None:
-        m = loaded.manifest
-        self.fn = loaded.fn
+    def __init__(self, manifest: dict[str, Any], executor: Executor | None = None, *,
+                 fn: Callable[..., Any] | None = None, signature: inspect.Signature | None = None,
+                 is_async: bool = False, concurrency: int = 1) -> None:
+        """`fn` is the loaded function when it lives in this process, run on threads of its
+        own unless `executor` is given; else `signature` is its, and `executor` runs it."""
+        m = manifest
         self.manifest = m
         self.label = f"{m['name']} v{m['version']} ({m['branch']})"
         self.version: int = m["version"]
         self.labels = (m["name"], m["branch"], str(m["version"]))  # the metrics' labels
-        self.binder = Binder(self.fn)
-        self.is_async = inspect.iscoroutinefunction(self.fn)
-        self.lane = Lane(threads, f"{m['name']}-v{m['version']}")
+        self.size_bytes = 0  # what the cache counts against server.cache_bytes
+        self.fn = fn
+        self.is_async = is_async
+        self.calls = Calls(fn, self.label) if fn is not None else None
+        if executor is None:
+            assert self.calls is not None, "a Runner needs a function or an executor"
+            executor = Lane(concurrency, f"{m['name']}-v{m['version']}", self.calls)
+        self.executor = executor
         options = m.get("options") or {}
-        # The server's budget applies to every version; @deployment(inline=...) overrides it.
-        declared = options.get("inline")
-        budget = 0.0 if declared is False else inline_budget or (DECLARED_BUDGET if declared else 0.0)
-        self.policy = InlinePolicy(self.label, budget, wait_budget, watchdog)
+        self.inline = bool(options.get("inline")) and self.calls is not None and not is_async
+        if fn is not None:
+            signature = _signature(fn)
+        self.binder = Binder(fn if fn is not None else _stand_in(signature))
         self.batcher: Batcher | None = None
         if options.get("vectorized"):
-            self.signature = inspect.signature(self.fn)
+            self.signature = signature
             self.batcher = Batcher(self._vector_call, max_rows=options["max_batch_rows"],
                                    max_wait=options["max_wait_ms"] / 1000)
 
     def close(self) -> None:
-        self.lane.close()
-
-    def _failed(self, exc: BaseException, row_id: Any = None) -> str:
-        self.policy.failed(exc)  # may raise LoopInUse, to run the call again on the threads
-        where = self.label if row_id is None else f"{self.label} row {row_id!r}"
-        log.error("%s raised", where, exc_info=exc)
-        return error_text(exc)
-
-    # -- one row at a time ----------------------------------------------------
-
-    def _call_row(self, row: list[Any]) -> Any:
-        args, kwargs = self.binder.row(row[1:])
-        return self.fn(*args, **kwargs)
-
-    def _calls(self, rows: list[list[Any]]) -> Iterator[Any]:
-        """The function applied to each row, iterated in C where the rows allow it."""
-        lengths = set(map(len, rows))
-        several = self.binder.several
-        if len(lengths) == 1 and not (several and 2 in lengths):  # no row is a kwargs dict
-            if 2 in lengths:
-                return map(self.fn, map(_ARG, rows))
-            return starmap(self.fn, map(_ARGS, rows))
-        return map(self._call_row, rows)
-
-    def _rows_sync(self, rows: list[list[Any]]) -> tuple[list[Any], dict[int, str]]:
-        """Every row's result (None where it failed), and the failures by row index."""
-        results: list[Any] = []
-        failed: dict[int, str] = {}
-        calls = self._calls(rows)
-        while len(results) < len(rows):  # each turn adds at least one row
-            try:
-                results.extend(calls)  # keeps what it got before a row raised
-                if len(results) == len(rows):
-                    break
-                # map() ends early when a row raises StopIteration.
-                failed[len(results)] = self._failed(StopIteration(), rows[len(results)][0])
-            except Preempted:
-                raise
-            except SYNC_ERRORS as exc:  # every row runs, whatever the others do
-                failed[len(results)] = self._failed(exc, rows[len(results)][0])
-            results.append(None)
-        return results, failed
-
-    def _single_sync(self, data: Any) -> Outcome:
-        try:
-            args, kwargs = self.binder.single(data)
-            return True, self.fn(*args, **kwargs)
-        except Preempted:
-            raise
-        except SYNC_ERRORS as exc:
-            return False, self._failed(exc)
-
-    # -- where a sync call runs -------------------------------------------------
-
-    async def _sync(self, work: Callable[[Any], Any], arg: Any, rows: int,
-                    timeout: float | None, may_wait: bool = True) -> Any:
-        """`work(arg)` where `framework.inline` places it; `timeout` bounds the wait, if given.
-        Without `may_wait`, a cheap call may still run on the loop, but the loop never
-        waits for it on a thread."""
-        policy = self.policy
-        cheap = policy.cheap(rows)
-        if cheap and policy.on_loop:
-            try:
-                return policy.inline(work, arg, rows)
-            except Preempted as stop:  # stopped partway: run it again from the start, off the loop
-                if not isinstance(stop, LoopInUse):
-                    policy.overran(rows)
-                cheap = False
-                timeout = None if timeout is None else max(timeout - stop.seconds, 0.0)
-        if cheap and may_wait:
-            wait = policy.wait if timeout is None else min(policy.wait, timeout)
-            handoff = self.lane.call(policy.waited, work, arg, rows, wait=wait)
-            if handoff.future is None:  # done while the loop waited, within any time limit
-                policy.clean()
-                return handoff.result()
-            if handoff.overran:
-                policy.overran(rows)
-        else:
-            handoff = self.lane.call(policy.timed, work, arg, rows)
-        return await (handoff.future if timeout is None else self._limit(handoff.future, timeout))
+        self.executor.close()
 
     async def _limit(self, work: Awaitable[Any], timeout: float) -> Any:
         """`await work`, or CallTimeout after `timeout` seconds.
 
-        What `asyncio.timeout` does, without its bookkeeping: a timer cancels this
-        task, and `uncancel` tells that cancellation from any other (a shutdown).
-        asyncio.timeout took 22,000 instructions a call, a tenth of a micro-batched
-        one-row request; asyncio.wait_for even wraps a coroutine in a task of its own.
+        A timer cancels this task, and `uncancel` tells that cancellation from
+        any other (a shutdown). Cancelling the awaited future is what keeps a
+        queued call from ever starting.
         """
         task = asyncio.current_task()
         assert task is not None
@@ -181,150 +118,120 @@ class Runner:
 
     # -- async ------------------------------------------------------------------
 
-    async def _one_async(self, args: tuple[Any, ...], kwargs: dict[str, Any], row_id: Any) -> Outcome:
+    async def _one_async(self, args: tuple[Any, ...], kwargs: dict[str, Any], row_id: Any,
+                         failures: Failures) -> Outcome:
+        assert self.fn is not None
         try:
             return True, await self.fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            return False, self._failed(exc, row_id)
+            return False, failures.add(exc, row_id)
 
-    async def _rows_async(self, rows: list[list[Any]]) -> tuple[list[Any], dict[int, str]]:
-        calls = []
-        for row in rows:
-            args, kwargs = self.binder.row(row[1:])
-            calls.append(self._one_async(args, kwargs, row[0]))
-        return _split(await asyncio.gather(*calls))
+    async def _async_answer(self, call: Call) -> Answer:
+        failures = Failures(self.label)
+        if not call.batch:
+            args, kwargs = self.binder.single(call.data)
+            answer = single_answer(*await self._one_async(args, kwargs, None, failures))
+            failures.log(1)
+            return answer
+        outcomes = await asyncio.gather(*(self._one_async(*self.binder.row(row[1:]), row[0], failures)
+                                          for row in call.rows))
+        failures.log(len(call.rows))
+        failed = {n: v for n, (ok, v) in enumerate(outcomes) if not ok}
+        results = [None if n in failed else v for n, (_, v) in enumerate(outcomes)]
+        return await self._batch_answer(call, results, failed)
 
-    async def _single_async(self, data: Any) -> Outcome:
-        args, kwargs = self.binder.single(data)
-        return await self._one_async(args, kwargs, None)
+    async def _batch_answer(self, call: Call, results: list[Any], failed: dict[int, str]) -> Answer:
+        if len(results) > OFFLOAD_ROWS:  # a large answer is encoded off the loop
+            return await asyncio.to_thread(batch_answer, call, results, failed)
+        return batch_answer(call, results, failed)
 
     # -- vectorized -------------------------------------------------------------
 
     def _vector_rows(self, rows: list[list[Any]]) -> tuple[list[list[Any]], dict[int, str]]:
         """Rows as `[id, *every positional argument]`, and the rows that do not fit."""
-        width = len(self.signature.parameters) + 1
+        signature = self.signature
+        if signature is None:
+            return rows, {}
+        width = len(signature.parameters) + 1
         if set(map(len, rows)) <= {width}:
             return rows, {}
         good, failed = [], {}
+        failures = Failures(self.label)
         for index, row in enumerate(rows):
             try:
                 args, kwargs = self.binder.row(row[1:])
-                bound = self.signature.bind(*args, **kwargs)
+                bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
                 good.append([row[0], *bound.arguments.values()])
             except TypeError as exc:
-                failed[index] = self._failed(exc, row[0])
+                failed[index] = failures.add(exc, row[0])
+        failures.log(len(rows))
         return good, failed
 
     async def _vector_call(self, rows: list[list[Any]]) -> Outcome:
         columns = [list(column) for column in zip(*rows)][1:]
         if self.is_async:
+            assert self.fn is not None
             try:
-                return self._vector_result(await self.fn(*columns), len(rows))
+                return vector_result(self.label, await self.fn(*columns), len(rows))
             except USER_ERRORS as exc:
-                return False, self._failed(exc)
-        # Requests gather for the next call while one runs, on the loop (their sockets
-        # are read after it) or on a thread. The loop waits for a thread only for a
-        # large call: waiting on small ones had cancelled micro-batching's gain.
-        assert self.batcher is not None
-        big = 2 * len(rows) >= self.batcher.max_rows
-        # No time limit here: the caller's bounds the whole batch.
-        return await self._sync(self._vector_sync, columns, len(rows), None, may_wait=big)
+                failures = Failures(self.label)
+                text = failures.add(exc, None)
+                failures.log(len(rows))
+                return False, text
+        if self.inline:
+            assert self.calls is not None
+            return self.calls.vector(columns)
+        # No time limit here: each caller's bounds its own wait for the batch.
+        return await self.executor.submit("vector", columns, NO_DEADLINE)
 
-    def _vector_sync(self, columns: list[list[Any]]) -> Outcome:
-        n = len(columns[0])
-        try:
-            return self._vector_result(self.fn(*columns), n)
-        except Preempted:
-            raise
-        except SYNC_ERRORS as exc:
-            return False, self._failed(exc)
-
-    def _vector_result(self, out: Any, n: int) -> Outcome:
-        if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
-            out = out.tolist()  # numpy arrays, pandas series
-        if isinstance(out, (list, tuple)) and len(out) == n:
-            return True, out
-        got = f"{len(out)} results" if isinstance(out, (list, tuple)) else f"a {type(out).__name__}"
-        error = (f"TypeError: vectorized deployment {self.label} returned {got} for {n} rows; "
-                 "return a list with one result per row, in row order")
-        log.error("%s", error)
-        return False, error
-
-    async def _vectorized(self, call: Call, timeout: float) -> tuple[list[Any], dict[int, str]]:
+    async def _vectorized(self, call: Call, timeout: float) -> Answer:
         assert self.batcher is not None
         rows = call.rows if call.batch else [[None, *_positional(self.binder.single(call.data))]]
         good, unbound = self._vector_rows(rows)
         results, failed = await self._limit(self.batcher.submit(good), timeout) if good else ([], {})
-        if not unbound:
-            return results, failed
-        # Put the rows that could not be bound back in their places.
-        ran = iter(range(len(good)))
-        merged, errors = [], {}
-        for index in range(len(rows)):
-            at = None if index in unbound else next(ran)
-            merged.append(None if at is None else results[at])
-            if at is None or at in failed:
-                errors[index] = unbound[index] if at is None else failed[at]
-        return merged, errors
+        if unbound:  # put the rows that could not be bound back in their places
+            ran = iter(range(len(good)))
+            merged, errors = [], {}
+            for index in range(len(rows)):
+                at = None if index in unbound else next(ran)
+                merged.append(None if at is None else results[at])
+                if at is None or at in failed:
+                    errors[index] = unbound[index] if at is None else failed[at]
+            results, failed = merged, errors
+        if call.batch:
+            return await self._batch_answer(call, results, failed)
+        return single_answer(False, failed[0]) if failed else single_answer(True, results[0])
 
     # -- entry ------------------------------------------------------------------
 
     async def run(self, call: Call, timeout: float) -> tuple[int, bytes]:
         """Run `call`; returns (status, body) or raises a FrameworkError."""
         if self.batcher is not None:
-            results, failed = await self._vectorized(call, timeout)
-            if call.batch:
-                return 200, self._batch_body(call, results, failed)
-            ok, value = (False, failed[0]) if failed else (True, results[0])
-        elif call.batch:
-            if self.is_async:
-                results, failed = await self._limit(self._rows_async(call.rows), timeout)
-            else:
-                results, failed = await self._sync(self._rows_sync, call.rows, len(call.rows), timeout)
-            return 200, self._batch_body(call, results, failed)
+            answer = await self._vectorized(call, timeout)
+        elif self.is_async:
+            answer = await self._limit(self._async_answer(call), timeout)
+        elif self.inline:
+            assert self.calls is not None
+            answer = self.calls.answer(call)
         else:
-            if self.is_async:
-                ok, value = await self._limit(self._single_async(call.data), timeout)
-            else:
-                ok, value = await self._sync(self._single_sync, call.data, 1, timeout)
-        if ok:
-            try:
-                return 200, encoding.dumps({"data": value})
-            except TypeError:
-                value = encoding.unencodable(value)
-        raise DeploymentFailed(value)
-
-    def _batch_body(self, call: Call, results: list[Any], failed: dict[int, str]) -> bytes:
-        ids = call.ids
-        if failed:
-            data = [(i, v) for n, (i, v) in enumerate(zip(ids, results)) if n not in failed]
-            errors = sorted(((ids[n], e) for n, e in failed.items()), key=call.order)
-        else:
-            data, errors = list(zip(ids, results)), []
-        data.sort(key=call.order)  # linear when the ids came in order
-        try:
-            body = encoding.dumps({"data": data, "errors": errors} if call.partial else {"data": data})
-        except TypeError:
-            bad = {i: e for i, v in data if (e := encoding.unencodable(v))}
-            errors = sorted(errors + list(bad.items()), key=call.order)
-            data = [(i, v) for i, v in data if i not in bad]
-            body = None
-        call.failed = len(errors)
-        if errors and not call.partial:
-            first_id, first_error = errors[0]
-            raise RowsFailed(
-                f"{len(errors)} of {len(ids)} rows failed; first failed id "
-                f"{first_id!r}:\n{first_error}",
-                data,
-                errors,
-            )
-        return body if body is not None else encoding.dumps({"data": data, "errors": errors})
+            future = self.executor.submit("answer", call, time.monotonic() + timeout)
+            answer = await self._limit(future, timeout)
+        status, value, extra = answer
+        if status == 200:
+            call.failed = extra
+            return 200, value
+        if extra is None:
+            raise DeploymentFailed(value)
+        call.failed = len(extra)
+        raise RowsFailed(value, [], extra)
 
 
-def _split(outcomes: list[Outcome]) -> tuple[list[Any], dict[int, str]]:
-    failed = {n: v for n, (ok, v) in enumerate(outcomes) if not ok}
-    return [None if n in failed else v for n, (_, v) in enumerate(outcomes)], failed
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
 
 
 def _positional(bound: tuple[tuple[Any, ...], dict[str, Any]]) -> list[Any]:

@@ -396,7 +396,7 @@ def test_branch_segments_cannot_escape_the_branch_directory(tmp_path):
 
 
 @pytest.mark.parametrize("setting", ["cache_size: 0", "max_concurrency: 0", "timeout_seconds: 0",
-                                     "threads_per_version: -1", "port: 0"])
+                                     "cache_bytes: -1", "port: 0"])
 def test_server_settings_below_their_minimum_are_refused(tmp_path, setting):
     (tmp_path / "deploy.yaml").write_text(f"server: {{{setting}}}\n")
     proc = run_cli("serve", store=tmp_path / "s", cwd=tmp_path, check=False)

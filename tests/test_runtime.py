@@ -410,12 +410,12 @@ def test_version_numbers_are_read_as_numbers(sample):
 
 
 def test_requests_queued_on_an_evicted_version_still_get_their_answer(tmp_path, sample_store):
-    (tmp_path / "deploy.yaml").write_text("server: {cache_size: 1, threads_per_version: 2}\n")
+    (tmp_path / "deploy.yaml").write_text("server: {cache_size: 1}\n")
     server = Server(sample_store, cwd=tmp_path)
     try:
         with ThreadPoolExecutor(6) as pool:
             slow = [pool.submit(server.post, "/v1/sleeper/latest", {"data": 0.8}) for _ in range(4)]
-            time.sleep(0.3)  # two run, two wait on sleeper's threads; now evict sleeper
+            time.sleep(0.3)  # one runs, three wait on sleeper's thread; now evict sleeper
             for name in ("echo", "greet", "echo"):
                 assert server.post(f"/v1/{name}/latest", {"data": ["x"]}).status_code == 200
             assert [f.result().json() for f in slow] == [{"data": 0.8}] * 4

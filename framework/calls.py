@@ -1,0 +1,177 @@
+"""The work of one call over a loaded function, and the answer it makes.
+
+These are plain sync functions with no event loop in them: the same code
+runs on a version's thread, on the event loop (`inline=True`), and in a
+worker process (`isolation="process"`), so a deployment behaves alike in
+every mode. An answer is a small tuple rather than an exception, so that it
+crosses a process boundary as it is:
+
+- `(200, body, failed)`: the JSON body, and how many rows failed (partial);
+- `(422, message, errors)`: rows failed (`errors` as `[[id, error], ...]`)
+  or, with `errors` None, a single call failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from itertools import starmap
+from operator import itemgetter
+from typing import Any, Callable, Iterator
+
+from framework import encoding
+from framework.protocol import Binder, Call, error_text
+
+log = logging.getLogger("framework.runtime")
+
+Answer = tuple[int, Any, Any]
+Outcome = tuple[bool, Any]  # (True, result) or (False, "ValueError: ...")
+# Sync user code may raise anything (SystemExit included): it is that row's failure.
+SYNC_ERRORS = BaseException
+# At most this many distinct tracebacks are logged for one request's failed rows.
+LOGGED_TRACEBACKS = 3
+_ARG = itemgetter(1)
+_ARGS = itemgetter(slice(1, None))
+
+
+class Failures:
+    """The failed rows of one request, logged as one record when it is done."""
+
+    __slots__ = ("label", "count", "first_id", "seen", "texts")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.count = 0
+        self.first_id: Any = None
+        self.seen: set[str] = set()
+        self.texts: list[str] = []
+
+    def add(self, exc: BaseException, row_id: Any) -> str:
+        text = error_text(exc)
+        self.count += 1
+        if self.count == 1:
+            self.first_id = row_id
+        kind = f"{type(exc).__qualname__}:{text[:200]}"
+        if len(self.texts) < LOGGED_TRACEBACKS and kind not in self.seen:
+            self.seen.add(kind)
+            self.texts.append("".join(traceback.format_exception(exc)).rstrip())
+        return text
+
+    def log(self, rows: int) -> None:
+        if self.count:
+            where = "" if self.first_id is None else f"; first failed id {self.first_id!r}"
+            log.error("%s: %d of %d row(s) failed%s\n%s", self.label, self.count, rows, where,
+                      "\n".join(self.texts))
+
+
+class Calls:
+    """A loaded function, called as the protocol says."""
+
+    def __init__(self, fn: Callable[..., Any], label: str) -> None:
+        self.fn = fn
+        self.label = label
+        self.binder = Binder(fn)
+
+    def _call_row(self, row: list[Any]) -> Any:
+        args, kwargs = self.binder.row(row[1:])
+        return self.fn(*args, **kwargs)
+
+    def _mapped(self, rows: list[list[Any]]) -> Iterator[Any]:
+        """The function applied to each row, iterated in C where the rows allow it."""
+        lengths = set(map(len, rows))
+        if len(lengths) == 1 and not (self.binder.several and 2 in lengths):  # no kwargs dict
+            if 2 in lengths:
+                return map(self.fn, map(_ARG, rows))
+            return starmap(self.fn, map(_ARGS, rows))
+        return map(self._call_row, rows)
+
+    def rows(self, rows: list[list[Any]]) -> tuple[list[Any], dict[int, str]]:
+        """Every row's result (None where it failed), and the failures by row index.
+        Each row runs once, whatever the others do."""
+        results: list[Any] = []
+        failed: dict[int, str] = {}
+        failures = Failures(self.label)
+        calls = self._mapped(rows)
+        while len(results) < len(rows):  # each turn adds at least one row
+            try:
+                results.extend(calls)  # keeps what it got before a row raised
+                if len(results) == len(rows):
+                    break
+                # map() ends early when a row raises StopIteration.
+                failed[len(results)] = failures.add(StopIteration(), rows[len(results)][0])
+            except SYNC_ERRORS as exc:
+                failed[len(results)] = failures.add(exc, rows[len(results)][0])
+            results.append(None)
+        failures.log(len(rows))
+        return results, failed
+
+    def single(self, data: Any) -> Outcome:
+        try:
+            args, kwargs = self.binder.single(data)
+            return True, self.fn(*args, **kwargs)
+        except SYNC_ERRORS as exc:
+            failures = Failures(self.label)
+            text = failures.add(exc, None)
+            failures.log(1)
+            return False, text
+
+    def vector(self, columns: list[list[Any]]) -> Outcome:
+        """One call of a vectorized function over whole columns."""
+        try:
+            return vector_result(self.label, self.fn(*columns), len(columns[0]))
+        except SYNC_ERRORS as exc:
+            failures = Failures(self.label)
+            text = failures.add(exc, None)
+            failures.log(len(columns[0]))
+            return False, text
+
+    def answer(self, call: Call) -> Answer:
+        """A whole request: run it, and encode its answer."""
+        if call.batch:
+            return batch_answer(call, *self.rows(call.rows))
+        return single_answer(*self.single(call.data))
+
+
+def vector_result(label: str, out: Any, n: int) -> Outcome:
+    if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
+        out = out.tolist()  # numpy arrays, pandas series
+    if isinstance(out, (list, tuple)) and len(out) == n:
+        return True, out
+    got = f"{len(out)} results" if isinstance(out, (list, tuple)) else f"a {type(out).__name__}"
+    error = (f"TypeError: vectorized deployment {label} returned {got} for {n} rows; "
+             "return a list with one result per row, in row order")
+    log.error("%s", error)
+    return False, error
+
+
+def single_answer(ok: bool, value: Any) -> Answer:
+    if ok:
+        try:
+            return 200, encoding.dumps({"data": value}), 0
+        except TypeError:
+            value = encoding.unencodable(value)
+    return 422, value, None
+
+
+def batch_answer(call: Call, results: list[Any], failed: dict[int, str]) -> Answer:
+    ids = call.ids
+    if failed:
+        data = [(i, v) for n, (i, v) in enumerate(zip(ids, results)) if n not in failed]
+        errors = sorted(((ids[n], e) for n, e in failed.items()), key=call.order)
+    else:
+        data, errors = list(zip(ids, results)), []
+    data.sort(key=call.order)  # linear when the ids came in order
+    try:
+        body = encoding.dumps({"data": data, "errors": errors} if call.partial else {"data": data})
+    except TypeError:
+        bad = {i: e for i, v in data if (e := encoding.unencodable(v))}
+        errors = sorted(errors + list(bad.items()), key=call.order)
+        data = [(i, v) for i, v in data if i not in bad]
+        body = None
+    if errors and not call.partial:
+        first_id, first_error = errors[0]
+        message = f"{len(errors)} of {len(ids)} rows failed; first failed id {first_id!r}:\n{first_error}"
+        return 422, message, [list(e) for e in errors]
+    if body is None:
+        body = encoding.dumps({"data": data, "errors": errors})
+    return 200, body, len(errors)

@@ -1,0 +1,111 @@
+"""A worker process: one loaded version, called over a pipe (`isolation="process"`).
+
+Started as `python -m framework.worker` by `framework.isolation`, from the
+server's interpreter (or, later, from a deployment's own environment: the
+child needs only this module's imports, cloudpickle and the artifact's
+packages). The protocol is pickled messages framed by
+`multiprocessing.connection` on the child's stdin and stdout:
+
+1. parent -> child `("load", artifact, manifest)`; the child verifies and
+   unpickles it (`packaging.load`: sha256, signature, Python version) and
+   answers `("ready", signature, is_async)`, or `("error", kind, message)`
+   where kind is "integrity", "incompatible" or "load".
+2. parent -> child `("call", [(kind, arg, deadline), ...])`; the child runs
+   them in order and answers each as soon as it is done with
+   `("done", ok, value)`, or `("expired",)` for a call whose deadline
+   (`time.monotonic()`, one clock for the whole machine) passed before it
+   started. `kind` is a method of `framework.calls.Calls`.
+3. The parent closing the child's stdin ends it.
+
+So the parent always knows which call is running: the first one of the
+message it sent without an answer. A call past its deadline is stopped by
+killing the child, a crash fails only that call, and the calls behind it,
+which never started, are sent to the next worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+
+def shape(fn: Any) -> bytes | None:
+    """The function's signature without annotations, pickled: what the server needs to
+    bind rows to parameters without unpickling the function."""
+    try:
+        sig = inspect.signature(fn)
+        sig = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                          return_annotation=sig.empty)
+        return cloudpickle.dumps(sig)
+    except Exception:  # noqa: BLE001 - no signature (a builtin), or defaults that do not pickle
+        return None
+
+
+def _load(conn_out: Connection, artifact: bytes, manifest: dict[str, Any]) -> Any:
+    from framework import packaging
+    from framework.calls import Calls
+    from framework.errors import IncompatibleArtifact, IntegrityError
+
+    try:
+        loaded = packaging.load(artifact, manifest)
+    except IntegrityError as exc:
+        conn_out.send(("error", "integrity", str(exc)))
+        return None
+    except IncompatibleArtifact as exc:
+        conn_out.send(("error", "incompatible", str(exc)))
+        return None
+    except BaseException as exc:  # noqa: BLE001 - unpickling or setup ran user code
+        from framework.protocol import error_text
+
+        conn_out.send(("error", "load", error_text(exc)))
+        return None
+    label = f"{manifest['name']} v{manifest['version']} ({manifest['branch']})"
+    fn = loaded.fn
+    if inspect.iscoroutinefunction(fn):  # here, each call gets an event loop of its own
+        import asyncio
+        import functools
+
+        original = fn
+        fn = functools.wraps(original)(lambda *a, **k: asyncio.run(original(*a, **k)))
+    conn_out.send(("ready", shape(loaded.fn), False))
+    return Calls(fn, label)
+
+
+def main() -> int:
+    # The protocol keeps the pipes; what the deployment prints goes to stderr (the server's log).
+    conn_in = Connection(os.dup(0), writable=False)
+    conn_out = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    sys.stdout = sys.stderr
+    calls = None
+    while True:
+        try:
+            message = conn_in.recv()
+        except (EOFError, OSError):
+            return 0
+        if message[0] == "load":
+            calls = _load(conn_out, message[1], message[2])
+            if calls is None:
+                return 1
+            continue
+        assert calls is not None, "a call before the load"
+        for kind, arg, deadline in message[1]:
+            if time.monotonic() >= deadline:
+                conn_out.send(("expired",))
+                continue
+            try:
+                conn_out.send(("done", True, getattr(calls, kind)(arg)))
+            except BaseException as exc:  # noqa: BLE001 - Calls catches user errors; this is ours
+                conn_out.send(("done", False, f"{type(exc).__name__}: {exc}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

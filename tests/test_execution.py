@@ -1,0 +1,255 @@
+"""Where calls run, in process: a version's threads, the event loop (inline=True), and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from framework import deployment
+from framework.errors import CallTimeout, RegistryError, RowsFailed
+from framework.protocol import parse
+from framework.runner import Runner
+from framework.threads import Lane
+
+
+def _runner(fn: Callable[..., Any], **options: Any) -> Runner:
+    manifest = {"name": fn.__name__, "version": 1, "branch": "main", "options": options}
+    return Runner(manifest, fn=fn, concurrency=options.get("concurrency", 1),
+                  is_async=asyncio.iscoroutinefunction(fn))
+
+
+def _answers(runner: Runner, bodies: list[bytes], timeout: float = 30) -> list[Any]:
+    """Every body's answer, all sent at once (exceptions as they were raised)."""
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(runner.run(parse(b), timeout) for b in bodies),
+                                    return_exceptions=True)
+    try:
+        return asyncio.run(go())
+    finally:
+        runner.close()
+
+
+def where(x: Any) -> str:
+    return threading.current_thread().name
+
+
+def test_sync_calls_run_off_the_event_loop_by_default_and_on_it_when_declared_inline() -> None:
+    plain = _answers(_runner(where), [b'{"data": 1}'] * 8)
+    assert all(status == 200 and b"MainThread" not in body for status, body in plain), plain
+    inline = _answers(_runner(where, inline=True), [b'{"data": 1}'] * 8)
+    assert all(body == b'{"data":"MainThread"}' for _, body in inline), inline
+
+
+def test_a_version_is_called_by_one_thread_at_a_time_by_default() -> None:
+    inside, most = 0, 0
+    lock = threading.Lock()
+
+    def model(x: int) -> int:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.001)  # lets another thread in, if any were allowed
+        with lock:
+            inside -= 1
+        return x
+
+    answers = _answers(_runner(model), [b'{"data": [[1, 1], [2, 2]]}'] * 50 + [b'{"data": 3}'] * 50)
+    assert all(a[0] == 200 for a in answers)
+    assert most == 1
+
+
+def test_concurrency_n_lets_n_threads_call_a_version_at_once_and_no_more() -> None:
+    inside, most = 0, 0
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def blocking(x: int) -> int:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        release.wait(10)
+        with lock:
+            inside -= 1
+        return x
+
+    runner = _runner(blocking, concurrency=3)
+
+    async def go() -> list[Any]:
+        calls = [asyncio.ensure_future(runner.run(parse(b'{"data": 1}'), 30)) for _ in range(8)]
+        for _ in range(500):  # bounded: until three are inside
+            if inside == 3:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        release.set()
+        return await asyncio.gather(*calls)
+
+    try:
+        answers = asyncio.run(go())
+    finally:
+        runner.close()
+    assert most == 3 and runner.executor.threads <= 3
+    assert answers == [(200, b'{"data":1}')] * 8
+
+
+def test_a_call_whose_time_limit_passes_while_queued_never_starts() -> None:
+    started: list[float] = []
+
+    def slow(seconds: float) -> float:
+        started.append(seconds)
+        time.sleep(seconds)
+        return seconds
+
+    runner = _runner(slow)
+
+    async def go() -> tuple[Any, Any]:
+        first = asyncio.ensure_future(runner.run(parse(b'{"data": 0.6}'), 30))
+        await asyncio.sleep(0.1)  # the first one runs; the second queues behind it
+        second = asyncio.ensure_future(runner.run(parse(b'{"data": 0.01}'), 0.2))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    try:
+        first, second = asyncio.run(go())
+        time.sleep(0.3)  # the thread is free again: the timed-out call must not run now
+    finally:
+        runner.close()
+    assert first == (200, b'{"data":0.6}')
+    assert isinstance(second, CallTimeout)
+    assert started == [0.6]
+
+
+def test_a_call_that_times_out_while_running_answers_504_and_runs_once() -> None:
+    ran: list[int] = []
+
+    def slow(x: int) -> int:
+        ran.append(x)
+        time.sleep(0.5)
+        return x
+
+    [answer] = _answers(_runner(slow), [b'{"data": 7}'], timeout=0.1)
+    assert isinstance(answer, CallTimeout) and "did not answer within 0.1 s" in str(answer)
+    time.sleep(0.6)
+    assert ran == [7]
+
+
+def test_a_bare_except_around_a_slow_computation_returns_the_computed_value() -> None:
+    def careful(n: int) -> int:
+        try:
+            total = 0
+            for i in range(n):
+                total += i
+            return total
+        except:  # noqa: E722 - what user code does; nothing may land inside it
+            return -1
+
+    answers = _answers(_runner(careful), [b'{"data": 2000000}', b'{"data": 10}'])
+    assert answers == [(200, b'{"data":%d}' % (2000000 * 1999999 // 2)), (200, b'{"data":45}')]
+
+
+@pytest.mark.parametrize("error", [ValueError, SystemExit, KeyboardInterrupt, StopIteration])
+def test_whatever_sync_code_raises_is_its_rows_failure(error: type[BaseException]) -> None:
+    def picky(x: int) -> int:
+        if x == 2:
+            raise error("two")
+        return x
+
+    [answer] = _answers(_runner(picky), [b'{"data": [[1, 1], [2, 2], [3, 3]], "partial": true}'])
+    status, body = answer
+    assert status == 200
+    assert body.startswith(b'{"data":[[1,1],[3,3]],"errors":[[2,"' + error.__name__.encode())
+
+
+def test_failed_rows_are_logged_once_per_request_with_a_few_tracebacks(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def fails(x: int) -> int:
+        raise ValueError(f"bad {x % 2}")
+
+    body = b'{"data": [%s]}' % b",".join(b"[%d, %d]" % (i, i) for i in range(5000))
+    with caplog.at_level("ERROR", logger="framework.runtime"):
+        [answer] = _answers(_runner(fails), [body])
+    assert isinstance(answer, RowsFailed) and len(answer.errors) == 5000
+    records = [r for r in caplog.records if r.name == "framework.runtime"]
+    assert len(records) == 1
+    text = records[0].getMessage()
+    assert "5000 of 5000 row(s) failed; first failed id 0" in text
+    assert text.count("Traceback") == 2  # two distinct failures, each shown once
+    assert len(text) < 10_000
+
+
+def test_async_deployments_are_awaited_on_the_loop() -> None:
+    async def hello(x: int) -> str:
+        await asyncio.sleep(0)
+        return f"{x} on {threading.current_thread().name}"
+
+    answers = _answers(_runner(hello), [b'{"data": [[1, 1], [2, 2]]}'])
+    assert answers == [(200, b'{"data":[[1,"1 on MainThread"],[2,"2 on MainThread"]]}')]
+
+
+def test_time_limits_answer_timeouts_and_let_other_cancellations_through() -> None:
+    runner = _runner(where)
+
+    async def go() -> None:
+        with pytest.raises(CallTimeout, match="did not answer within 0.05 s"):
+            await runner._limit(asyncio.sleep(5), 0.05)
+        assert await runner._limit(asyncio.sleep(0, "done"), 0.05) == "done"
+        await asyncio.sleep(0.1)  # the finished call's timer never fires into this task
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+        waiting = asyncio.ensure_future(runner._limit(asyncio.sleep(5), 1))
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # a cancellation from elsewhere (a shutdown) stays one
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    try:
+        asyncio.run(go())
+    finally:
+        runner.close()
+
+
+class _Target:
+    def __init__(self) -> None:
+        self.ran: list[Any] = []
+
+    def echo(self, x: Any) -> Any:
+        self.ran.append(x)
+        return x
+
+
+def test_a_closed_lanes_threads_exit_and_a_late_call_still_runs() -> None:
+    target = _Target()
+    lane = Lane(2, "t", target)
+
+    async def go() -> list[Any]:
+        first = await lane.submit("echo", 1, float("inf"))
+        lane.close()
+        for _ in range(200):  # bounded: until its threads are gone
+            if lane.threads == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert lane.threads == 0
+        late = await lane.submit("echo", 2, float("inf"))
+        return [first, late]
+
+    assert asyncio.run(go()) == [1, 2]
+    assert target.ran == [1, 2]
+
+
+def test_execution_options_are_checked_at_decoration_time() -> None:
+    with pytest.raises(RegistryError, match="inline must be True or False"):
+        deployment(inline="yes")
+    with pytest.raises(RegistryError, match="concurrency must be a whole number >= 1"):
+        deployment(concurrency=0)
+    with pytest.raises(RegistryError, match="isolation must be one of"):
+        deployment(isolation="container")
+    with pytest.raises(RegistryError, match="cannot be combined"):
+        deployment(inline=True, isolation="process")
+    described = deployment(concurrency=4, isolation="process")(where).options.describe()
+    assert (described["concurrency"], described["isolation"]) == (4, "process")
+    assert "inline" not in deployment(where).options.describe()

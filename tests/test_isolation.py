@@ -1,0 +1,217 @@
+"""Execution over a real server: at most once, no stalls, thread safety, process isolation."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from conftest import Server, run_cli
+
+MODULE = '''
+import ctypes
+import os
+import sqlite3
+import time
+import urllib.request
+
+import numpy as np
+
+from framework import deployment
+
+LOG = os.environ["EXEC_TEST_LOG"]
+
+
+@deployment
+def counted(x):
+    """One line per call; a few inputs are slow, as real traffic has."""
+    if x % 20 == 7:
+        time.sleep(0.05)
+    with open(LOG, "a") as f:
+        f.write(f"{x}\\n")
+    return x
+
+
+@deployment
+def fast(x):
+    return x + 1
+
+
+@deployment
+def fetch(url):
+    """Blocks in a library call, as a model calling a slow service does."""
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+
+
+@deployment
+def query(seconds):
+    con = sqlite3.connect(":memory:")
+    con.create_function("pause", 1, time.sleep)
+    con.execute("select pause(?)", (seconds,)).fetchall()
+    return seconds
+
+
+SCRATCH = np.zeros(64)
+
+
+@deployment
+def scratch_model(x):
+    """Not thread-safe: a shared buffer, as many model objects have."""
+    SCRATCH[:] = x
+    time.sleep(0)
+    total = float(SCRATCH.sum())
+    return total / 64
+
+
+@deployment(isolation="process")
+def isolated(x):
+    if x == "exit":
+        os._exit(3)
+    if x == "segfault":
+        ctypes.string_at(0)
+    if isinstance(x, (int, float)) and x < 0:
+        time.sleep(-x)
+    return [x, os.getpid()]
+
+
+@deployment(isolation="process", vectorized=True)
+def isolated_vector(x):
+    return [2 * v for v in x]
+
+
+@deployment(isolation="process")
+def isolated_adder(a, b, c=100):
+    return a + b + c
+'''
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = tmp_path_factory.mktemp("exec")
+    (project / "mod.py").write_text(textwrap.dedent(MODULE))
+    (project / "deploy.yaml").write_text("modules: [mod]\nserver: {max_concurrency: 100}\n")
+    log = project / "calls.log"
+    run_cli("deploy", store=project / "store", cwd=project, EXEC_TEST_LOG=str(log))
+    return project
+
+
+@pytest.fixture(scope="module")
+def server(project: Path) -> Iterator[Server]:
+    srv = Server(project / "store", cwd=project, EXEC_TEST_LOG=str(project / "calls.log"))
+    yield srv
+    srv.stop()
+
+
+def test_each_call_runs_exactly_once_under_load_with_slow_inputs(server: Server, project: Path) -> None:
+    log = project / "calls.log"
+    for i in range(20):  # it looks cheap first
+        assert server.post("/v1/counted/latest", {"data": 1000 + i}).status_code == 200
+    log.write_text("")
+    singles = list(range(400))
+    batches = [[[j, 10_000 + 10 * b + j] for j in range(10)] for b in range(40)]
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(16) as pool:
+        post = lambda body: client.post(f"{server.url}/v1/counted/latest", json=body)  # noqa: E731
+        answers = list(pool.map(post, [{"data": x} for x in singles] + [{"data": b} for b in batches]))
+    assert all(a.status_code == 200 for a in answers)
+    lines = log.read_text().split()
+    expected = [str(x) for x in singles] + [str(r[1]) for b in batches for r in b]
+    assert sorted(lines) == sorted(expected)  # each exactly once: 800 lines for 800 calls
+
+
+def test_a_deployment_blocked_in_a_library_call_delays_no_other(server: Server) -> None:
+    """A slow HTTP service (a receiver on 127.0.0.1 that answers after a while) and a slow
+    sqlite query hold their own threads only: the others, and /livez, keep answering."""
+    release = threading.Event()
+
+    import http.server
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            release.wait(30)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"late")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            blocked = pool.submit(server.post, "/v1/fetch/latest",
+                                  {"data": f"http://127.0.0.1:{slow.server_port}/"})
+            querying = pool.submit(server.post, "/v1/query/latest", {"data": 3})
+            time.sleep(0.3)
+            for i in range(30):
+                assert server.post("/v1/fast/latest", {"data": i}).json() == {"data": i + 1}
+                assert httpx.get(f"{server.url}/livez", timeout=10).status_code == 200
+            assert not blocked.done()  # all of that happened while it was blocked
+            release.set()
+            assert blocked.result().json() == {"data": "late"}
+            assert querying.result().json() == {"data": 3}
+    finally:
+        release.set()
+        slow.shutdown()
+
+
+def test_a_model_that_is_not_thread_safe_gives_no_wrong_answer(server: Server) -> None:
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(
+            lambda x: client.post(f"{server.url}/v1/scratch_model/latest", json={"data": x}).json(),
+            range(1600)))
+    wrong = [(x, a) for x, a in enumerate(answers) if a != {"data": float(x)}]
+    assert wrong == []
+
+
+def test_an_isolated_deployment_runs_in_a_worker_process(server: Server) -> None:
+    value, pid = server.post("/v1/isolated/latest", {"data": 5}).json()["data"]
+    assert value == 5 and pid != server.proc.pid
+    batch = server.post("/v1/isolated/latest", {"data": [[2, "b"], [1, "a"]]}).json()
+    assert batch == {"data": [[1, ["a", pid]], [2, ["b", pid]]]}
+    assert server.post("/v1/isolated_adder/latest", {"data": [[1, 1, 2], [2, {"a": 1, "b": 2}]]}
+                       ).json() == {"data": [[1, 103], [2, 103]]}
+    assert server.post("/v1/isolated_adder/latest", {"data": [1, 2, 3]}).json() == {"data": 6}
+    vector = server.post("/v1/isolated_vector/latest", {"data": [[i, i] for i in range(50)]})
+    assert vector.json() == {"data": [[i, 2 * i] for i in range(50)]}
+
+
+@pytest.mark.parametrize("crash, cause", [("exit", "exited with code 3"),
+                                          ("segfault", "killed by SIGSEGV")])
+def test_a_crashing_worker_fails_only_its_call_and_is_replaced(
+        server: Server, crash: str, cause: str) -> None:
+    _, before = server.post("/v1/isolated/latest", {"data": 1}).json()["data"]
+    with ThreadPoolExecutor(8) as pool:
+        bystanders = [pool.submit(server.post, "/v1/isolated/latest", {"data": i}) for i in range(3)]
+        crashed = server.post("/v1/isolated/latest", {"data": crash})
+        bystanders += [pool.submit(server.post, "/v1/isolated/latest", {"data": i}) for i in range(3, 6)]
+        answers = [f.result() for f in bystanders]
+    assert crashed.status_code == 422, crashed.text
+    assert cause in crashed.json()["error"] and "crashed" in crashed.json()["error"]
+    assert [a.json()["data"][0] for a in answers] == list(range(6))
+    _, after = server.post("/v1/isolated/latest", {"data": 2}).json()["data"]
+    assert after != before
+    assert server.proc.poll() is None
+
+
+def test_a_call_past_its_limit_kills_its_worker_and_what_queued_behind_runs(server: Server) -> None:
+    _, before = server.post("/v1/isolated/latest", {"data": 1}).json()["data"]
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(server.post, "/v1/isolated/latest", {"data": -30, "timeout_seconds": 1})
+        time.sleep(0.3)
+        behind = [pool.submit(server.post, "/v1/isolated/latest", {"data": i}) for i in range(3)]
+        answer = slow.result()
+        queued = [f.result() for f in behind]
+    assert answer.status_code == 504, answer.text
+    assert [q.json()["data"][0] for q in queued] == [0, 1, 2]
+    assert all(q.json()["data"][1] != before for q in queued)  # run on the new worker
+    with pytest.raises(ProcessLookupError):
+        os.kill(before, 0)
