@@ -23,11 +23,14 @@ from framework import config as cfgmod
 from framework import auth, encoding, observe, openapi, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
+from framework.environments import Environments, build_all, wanted
 from framework.errors import (
     BadRequest,
     CallTimeout,
     ConfigError,
     DeploymentFailed,
+    EnvironmentBuilding,
+    EnvironmentFailed,
     FrameworkError,
     Forbidden,
     IncompatibleArtifact,
@@ -54,11 +57,13 @@ STATUS: dict[type[FrameworkError], int] = {
     IntegrityError: 409,
     IncompatibleArtifact: 409,
     PayloadTooLarge: 413,
+    EnvironmentFailed: 424,  # before LoadFailed, its base class: the first match wins
     DeploymentFailed: 422,
     RowsFailed: 422,
     LoadFailed: 422,
     ConfigError: 500,
     Overloaded: 503,
+    EnvironmentBuilding: 503,
     StoreError: 503,  # the store could not be read: a retry may well succeed
     CallTimeout: 504,
 }
@@ -166,8 +171,24 @@ class Runtime:
         self.timeout = float(s["timeout_seconds"])
         self.max_inflight = s["max_concurrency"]
         self.inflight = 0
+        self.environments = Environments(s["env_dir"] or None, s["pythons"])
         self.versions = VersionCache(self.store, size=s["cache_size"], max_bytes=s["cache_bytes"],
-                                     isolation=s["isolation"])
+                                     isolation=s["isolation"], environments=self.environments)
+        # Why /readyz should not say ready yet, if anything (server.prebuild building).
+        self.not_ready: str | None = None
+
+    async def prebuild(self) -> None:
+        """Build the environments of `latest` and aliased versions, then say ready."""
+        try:
+            def build() -> None:
+                for m, outcome in build_all(self.environments, wanted(self.store)):
+                    if outcome not in ("here", "built", "reused"):
+                        log.error("%s v%s: %s", m["name"], m["version"], outcome)
+            await asyncio.to_thread(build)
+        except FrameworkError as exc:
+            log.error("prebuilding environments failed: %s", exc)
+        finally:
+            self.not_ready = None
 
     async def infer(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/<name>/<ref>: an ASGI app, not a Starlette endpoint. The request
@@ -272,7 +293,13 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        building = None
+        if s["prebuild"]:
+            rt.not_ready = "building the environments of latest and aliased versions (server.prebuild)"
+            building = asyncio.ensure_future(rt.prebuild())
         yield
+        if building is not None:
+            building.cancel()
         rt.versions.close()
         if observer is not None:
             observer.flush()

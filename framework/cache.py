@@ -20,14 +20,17 @@ import ctypes
 import ctypes.util
 import gc
 import math
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from framework import packaging
+from framework.environments import Environments, requirements
 from framework.errors import (
     CallTimeout,
+    EnvironmentBuilding,
     FrameworkError,
     IncompatibleArtifact,
     IntegrityError,
@@ -67,11 +70,13 @@ def _malloc_trim() -> Any:
 
 class VersionCache:
     def __init__(self, store: Store, *, size: int, max_bytes: int = 0, isolation: str = "thread",
-                 ttl: float = 0.5) -> None:
+                 environments: Environments | None = None, ttl: float = 0.5) -> None:
         self.store = store
         self.size = size
         self.max_bytes = max_bytes  # 0: no bound in bytes
         self.isolation = isolation  # the server's default; @deployment(isolation=...) wins
+        self.environments = environments or Environments()
+        self.building: dict[Key, str] = {}  # versions whose environment is being built: its key
         self.ttl = ttl
         self.bytes = 0
         self._trim = _malloc_trim()
@@ -143,6 +148,11 @@ class VersionCache:
         try:  # the load goes on for later callers when this one gives up
             return await asyncio.wait_for(asyncio.shield(pending), timeout)
         except asyncio.TimeoutError:
+            if key in self.building:
+                raise EnvironmentBuilding(
+                    f"the environment of {name} v{version} ({self.building[key]}) is being built; "
+                    "retry in a while, or build it ahead with `framework build` or server.prebuild"
+                ) from None
             raise CallTimeout(
                 f"{name} v{version} did not load within {timeout:g} s; retry in a moment, or "
                 'send a larger "timeout_seconds"'
@@ -191,9 +201,17 @@ class VersionCache:
         artifact = self.store.read_artifact(branch, name, version)
         options = manifest.get("options") or {}
         concurrency = options.get("concurrency", 1)
-        if (options.get("isolation") or self.isolation) == "process":
+        python = None
+        if self.environments.needs(manifest):  # not this Python, or packages this one lacks
+            self.building[key] = ", ".join(requirements(manifest)) or f"Python {manifest.get('python')}"
+            try:
+                python = str(self.environments.ensure(manifest))
+            finally:
+                del self.building[key]
+        if python is not None or (options.get("isolation") or self.isolation) == "process":
             label = f"{name} v{version} ({branch})"
-            lane = ProcessLane(concurrency, label, artifact, manifest)  # unpickled there, not here
+            # Unpickled in the worker, not here.
+            lane = ProcessLane(concurrency, label, artifact, manifest, python=python or sys.executable)
             runner = Runner(manifest, lane, signature=lane.signature)
         else:
             runner = self._load_here(manifest, artifact, concurrency)

@@ -229,6 +229,25 @@ def cmd_keys(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
+    from framework.environments import Environments, build_all, wanted
+
+    s = cfg.server
+    envs = Environments(s["env_dir"] or None, s["pythons"])
+    manifests = wanted(cfg.open_store(), every_version=args.all, names=args.names or None)
+    if args.names and not manifests:
+        raise NotFound(f"no deployment named {', '.join(args.names)}; see `framework list`")
+
+    def report(m: dict[str, Any], outcome: str) -> None:
+        shown = {"here": "runs in the server's own environment", "built": "built",
+                 "reused": "already built"}.get(outcome, f"FAILED: {outcome}")
+        print(f"{m['name']} v{m['version']} ({m['branch']}): {shown}", file=sys.stderr, flush=True)
+
+    print(f"building environments under {envs.root}", file=sys.stderr)
+    results = build_all(envs, manifests, rebuild_failed=True, report=report)
+    return 1 if any(o not in ("here", "built", "reused") for _, o in results) else 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, cfgmod.Config], int], str]] = {
     "deploy": (cmd_deploy, "package every deployment in deploy.yaml's modules and publish"),
     "serve": (cmd_serve, "serve the store over HTTP (Modelbit's REST protocol)"),
@@ -239,6 +258,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, cfgmod.Config], int], st
     "promote": (cmd_promote, "republish a branch's version as the next version of another branch"),
     "rollback": (cmd_rollback, "republish an older version as the new latest"),
     "keys": (cmd_keys, "create, list or revoke API keys (the first one turns keys on)"),
+    "build": (cmd_build, "build the environments that deployments' packages need (for CI or an image)"),
 }
 
 
@@ -267,6 +287,10 @@ def parser() -> argparse.ArgumentParser:
     subs["promote"].add_argument("--to", metavar="BRANCH", help="default: deploy.yaml's branch, else main")
     subs["promote"].add_argument("--version", default="latest", metavar="REF",
                                  help="latest (default), a version or an alias of --from")
+    subs["build"].add_argument("names", nargs="*", metavar="NAME",
+                               help="deployments to build for (default: every one)")
+    subs["build"].add_argument("--all", action="store_true",
+                               help="every version, not only latest and aliased ones")
     actions = subs["alias"].add_subparsers(dest="action", required=True)
     for action, text in (("set", "point ALIAS at VERSION (a number, latest or another alias)"),
                          ("rm", "remove ALIAS"), ("list", "every alias and its version")):

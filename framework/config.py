@@ -33,6 +33,13 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # Where sync deployments run unless they say: "thread" (their own threads in the
     # server) or "process" (warm worker processes); see docs/execution.md.
     "isolation": "thread",
+    # Per-deployment environments (docs/environments.md): where they are built
+    # ("": $FRAMEWORK_CACHE_DIR/envs, else ~/.cache/framework/envs), whether those of
+    # `latest` and aliases are built before /readyz says ready, and interpreters of
+    # other Python versions to build them from.
+    "env_dir": "",
+    "prebuild": False,
+    "pythons": [],
     "debug": False,
     # Operations and security (README "Operations and security").
     "require_api_keys": False,
@@ -87,6 +94,8 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
         )
         if not ok:
             raise _fail(path, f"server.{key}", f"must be a {want.__name__}, got {value!r}", "fix it")
+        if want is list and not all(isinstance(v, str) for v in value):
+            raise _fail(path, f"server.{key}", f"must be a list of strings, got {value!r}", "fix it")
         if key in SERVER_CHOICES and value not in SERVER_CHOICES[key]:
             raise _fail(path, f"server.{key}", f"must be one of {list(SERVER_CHOICES[key])}, "
                         f"got {value!r}", "pick one")

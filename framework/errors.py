@@ -43,6 +43,14 @@ class LoadFailed(FrameworkError):
     """A stored version raised while being unpickled or set up."""
 
 
+class EnvironmentFailed(LoadFailed):
+    """A version's environment could not be built (a missing package, a conflict)."""
+
+
+class EnvironmentBuilding(FrameworkError):
+    """A version's environment is still being built; retry later."""
+
+
 class Unauthorized(FrameworkError):
     """A call without a valid API key, where keys are required."""
 

@@ -174,6 +174,9 @@ def routes(rt: Runtime, metrics: Metrics | None, observer: Observer | None) -> l
             detail = orjson.dumps({"error": f"the store cannot be read ({type(exc).__name__}: "
                                             f"{exc}); check FRAMEWORK_STORE and its permissions"})
             return Response(detail, 503, media_type="application/json")
+        if rt.not_ready is not None:
+            return Response(orjson.dumps({"error": f"not ready: {rt.not_ready}"}), 503,
+                            media_type="application/json", headers={"Retry-After": "5"})
         body = {"status": "ready", "loaded": len(rt.versions.loaded())}
         return Response(orjson.dumps(body), media_type="application/json")
 
