@@ -230,30 +230,30 @@ class ProcessLane(Answers):
                 if not worker.recv.poll(max(handoff.deadline - time.monotonic(), 0.0)
                                         if handoff.deadline != float("inf") else None):
                     worker.kill()
-                    handoff.value = CallTimeout(
+                    error: Exception = CallTimeout(
                         f"{self.label} did not answer within its time limit; its worker process "
                         'was stopped and replaced. Send a larger "timeout_seconds" or a smaller batch'
                     )
-                    self._answer(handoff)
-                    pending.extendleft(reversed(batch[index + 1:]))
-                    return False
-                answer = worker.recv.recv()
+                else:
+                    answer = worker.recv.recv()
+                    if answer[0] == "done":
+                        handoff.ok, handoff.value = answer[1], answer[2]
+                        if not handoff.ok:
+                            handoff.value = RuntimeError(handoff.value)
+                        self._answer(handoff)
+                    continue  # "expired": its caller's own timer answers it
             except (EOFError, OSError):
                 death = worker.death()
                 log.error("%s: %s while running a call; starting a new one", self.label, death)
                 worker.kill()
-                handoff.value = WorkerCrashed(
+                error = WorkerCrashed(
                     f"{self.label} crashed: {death} while running this call (the other calls "
                     "queued for it are unaffected); fix the deployment, or send other inputs"
                 )
-                self._answer(handoff)
-                pending.extendleft(reversed(batch[index + 1:]))
-                return False
-            if answer[0] == "done":
-                handoff.ok, handoff.value = answer[1], answer[2]
-                if not handoff.ok:
-                    handoff.value = RuntimeError(handoff.value)
-            # "expired": its caller's own timer answers it.
-            if answer[0] == "done":
-                self._answer(handoff)
+            # The worker is gone: this call fails, and those behind it, which never started,
+            # go to the next worker.
+            handoff.value = error
+            self._answer(handoff)
+            pending.extendleft(reversed(batch[index + 1:]))
+            return False
         return True
