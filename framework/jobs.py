@@ -133,7 +133,9 @@ class Jobs:
     def start(self) -> None:
         self._wake = asyncio.Event()
         # No redirects: a receiver could otherwise send the answer on to an address never checked.
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        # No kept-alive connections: one to a checked address must not carry another host's call.
+        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                         limits=httpx.Limits(max_keepalive_connections=0))
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:

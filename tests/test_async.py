@@ -432,3 +432,82 @@ def scrape(server: Server) -> dict[tuple[str, str], float]:
     text = httpx.get(server.url + "/metrics").text
     return {(s.name, s.labels.get("outcome", "")): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_batches_and_links_are_keyed_like_inference(tmp_path: Path, hooks: Receiver) -> None:
+    store = tmp_path / "store"
+    run_cli("deploy", store=store, cwd=SAMPLE)
+    echo_key = run_cli("keys", "create", "--deployments", "echo", store=store).stdout.strip()
+    greet_key = run_cli("keys", "create", "--deployments", "greet", store=store).stdout.strip()
+    s = start(store, tmp_path / "server", **FAST)
+    try:
+        def get(url: str, key: str | None) -> int:
+            return httpx.get(url, headers={"Authorization": key} if key else {}).status_code
+
+        resp = s.post("/v1/echo/latest", {"data": 1, "response_webhook": hooks.url},
+                      headers={"Authorization": echo_key})
+        assert resp.status_code == 200, resp.text
+        batch_url = f"{s.url}/v1/batches/{resp.json()['batchId']}"
+        assert [get(batch_url, k) for k in (None, greet_key, echo_key)] == [401, 403, 200]
+        link = s.post("/v1/echo/latest", {"data": 2, "response_format": "links"},
+                      headers={"Authorization": echo_key}).json()["data"]
+        assert [get(link, k) for k in (None, greet_key, echo_key)] == [401, 403, 200]
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def modelbit_reachable_server(async_store: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A server where the modelbit client can reach it: that client calls plain http only at
+    `http://<workspace>.<region>` with ":5000" in the region, so the server listens on port
+    5000 of a loopback address of its own (all of 127.0.0.0/8 is loopback)."""
+    import random
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump({"server": {**FAST, "webhook_allow": ["127.0.0.0/8"]}}))
+    for _ in range(5):  # another address if port 5000 of this one is taken
+        workspace, last = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}", random.randint(1, 254)
+        base = f"http://{workspace}.{last}:5000"
+        with open(tmp_path / "serve.log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "framework", "serve", "--host", f"{workspace}.{last}", "--port", "5000"],
+                cwd=REPO, env=cli_env(async_store, FRAMEWORK_CONFIG=str(config)), stdout=log,
+                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                        yield workspace, f"{last}:5000"
+                        return
+                except httpx.TransportError:
+                    time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+    raise AssertionError(f"no server on a port 5000:\n{(tmp_path / 'serve.log').read_text()}")
+
+
+def test_the_modelbit_client_gets_a_link_and_a_batch_id(modelbit_reachable_server: tuple[str, str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real client, where installed (`pip install modelbit`: pandas, boto3 and numpy<2, too
+    # heavy for the dev extra). WORKSPACE_ID keeps its error reports off the network.
+    modelbit = pytest.importorskip("modelbit", reason="the modelbit client is not installed")
+    monkeypatch.setenv("WORKSPACE_ID", "framework-tests")
+    workspace, region = modelbit_reachable_server
+    linked = modelbit.get_inference(deployment="echo", data={"a": [1, 2]}, workspace=workspace,
+                                    region=region, branch="main", response_format="links")
+    assert set(linked) == {"data"}
+    assert httpx.get(linked["data"]).json() == {"data": {"a": [1, 2]}}
+    accepted = modelbit.get_inference(deployment="echo", data=3, workspace=workspace, region=region,
+                                      branch="main", response_webhook="https://127.0.0.1:9/hook")
+    assert set(accepted) == {"batchId"}
