@@ -209,7 +209,8 @@ class Runtime:
             timeout = min(call.timeout or self.timeout, self.timeout)
             if call.webhook is not None:  # answered once its job is stored; framework.jobs runs it
                 version = await self.versions.resolve(branch, name, ref)
-                accepted = await self.jobs.accept(call, body, branch, name, version, self.links.base(scope))
+                base = self.links.base(scope)
+                accepted = await self.jobs.accept(call, body, branch, name, version, base)
                 return await send_json(send, 200, accepted)
             runner = self.versions.cached(branch, name, ref)
             if runner is None:

@@ -1,9 +1,9 @@
 """`response_webhook` calls: persisted jobs, leases, and the background worker.
 
 A call with a webhook is answered `{"batchId": ...}` once its job is in the
-store; every replica's worker scans the queue, claims a job with a lease,
-runs it through the normal path (parse, the version resolved at
-acceptance, the same limits and row-error rules), keeps the answer, then
+store; every replica's worker scans the queue, claims a job with a lease
+(`framework.leases`), runs it through the normal path (parse, the version
+resolved at acceptance, the same limits and row-error rules), keeps the answer, then
 POSTs it to the webhook with retries. The answer is kept until delivered, so
 a restart after the run delivers it without running it again; a job whose
 run was interrupted runs again, the one case where a call runs twice.
@@ -23,10 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import re
-import secrets
-import socket
 import time
 import uuid
 from typing import Any, Callable, Iterator
@@ -38,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from framework import encoding, protocol, webhooks
 from framework.cache import VersionCache
 from framework.errors import NotFound
+from framework.leases import Leases
 from framework.links import Links
 from framework.store import Store
 
@@ -68,11 +66,10 @@ class Jobs:
         self.backoff = float(server["webhook_backoff_seconds"])
         self.backoff_max = float(server["webhook_backoff_max_seconds"])
         self.hook_timeout = float(server["webhook_timeout_seconds"])
-        self.lease = float(server["async_lease_seconds"])
+        self.leases = Leases(store, float(server["async_lease_seconds"]))
         self.poll = float(server["async_poll_seconds"])
         self.concurrency = server["async_concurrency"]
         self.retention = float(server["async_retention_seconds"])
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.running: dict[str, asyncio.Task[None]] = {}
         self.counts: dict[str, dict[str, int]] = {"jobs": {}, "deliveries": {}}
         self._wake: asyncio.Event | None = None
@@ -171,7 +168,7 @@ class Jobs:
                 continue
             if len(self.running) >= self.concurrency:
                 return
-            etag = await asyncio.to_thread(self._claim, job_id)
+            etag = await asyncio.to_thread(self.leases.claim, job_id)
             if etag is not None:
                 task = asyncio.create_task(self._process(job_id, etag))
                 self.running[job_id] = task
@@ -185,47 +182,24 @@ class Jobs:
         if self._wake is not None:
             self._wake.set()  # room for another job
 
-    def _lease_doc(self) -> bytes:
-        return orjson.dumps({"owner": self.owner, "expires": time.time() + self.lease})
-
-    def _claim(self, job_id: str) -> str | None:
-        """The lease's etag when this replica now holds it, else None."""
-        key = f"leases/{job_id}"
-        etag = self.store.write_doc(key, self._lease_doc(), create=True)
-        if etag is not None:
-            return etag
-        found = self.store.read_doc(key)
-        if found is None:  # released in between: the next scan claims it
-            return None
-        if orjson.loads(found[0]).get("expires", 0) > time.time():
-            return None  # another replica's, still alive
-        return self.store.write_doc(key, self._lease_doc(), etag=found[1])  # a dead one's: taken over
-
-    async def _renew(self, job_id: str, lease: dict[str, Any], work: asyncio.Task[Any]) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            etag = await asyncio.to_thread(self.store.write_doc, f"leases/{job_id}",
-                                           self._lease_doc(), etag=lease["etag"])
-            if etag is None:
-                log.warning("job %s: lease lost to another replica; leaving the job to it", job_id)
-                lease["lost"] = True
-                work.cancel()
-                return
-            lease["etag"] = etag
-
     async def _process(self, job_id: str, etag: str) -> None:
         work = asyncio.current_task()
         assert work is not None
         lease: dict[str, Any] = {"etag": etag, "lost": False}
-        renewer = asyncio.create_task(self._renew(job_id, lease, work))
+        renewer = asyncio.create_task(self.leases.keep(job_id, lease, work))
         try:
             await self._work(job_id)
-        finally:
+        except asyncio.CancelledError:
             renewer.cancel()
-            if not lease["lost"]:  # directly, not on a thread: this also runs while cancelled
-                found = self.store.read_doc(f"leases/{job_id}")
-                if found is not None and found[1] == lease["etag"]:
-                    self.store.delete_doc(f"leases/{job_id}")
+            if not lease["lost"]:  # stopping: released at once (not on a thread) for a successor
+                self.leases.release(job_id, lease["etag"])
+            raise
+        except BaseException:
+            renewer.cancel()  # the lease is left to expire: the job is tried again after it
+            raise
+        renewer.cancel()
+        if not lease["lost"]:
+            await asyncio.to_thread(self.leases.release, job_id, lease["etag"])
 
     async def _save(self, job: dict[str, Any]) -> None:
         await asyncio.to_thread(self.store.write_doc, f"jobs/{job['id']}.json", orjson.dumps(job))

@@ -29,7 +29,6 @@ FAST = {  # retries and scans quick, so the tests are; none of them asserts a du
     "webhook_allow": ["127.0.0.1"],
     "webhook_backoff_seconds": 0.05,
     "webhook_backoff_max_seconds": 0.2,
-    "webhook_timeout_seconds": 1.0,
     "async_poll_seconds": 0.1,
     "async_lease_seconds": 2.0,
 }
@@ -135,6 +134,15 @@ def server(async_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def impatient(async_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that gives up on a receiver after 1 s (the other servers wait the default 10 s,
+    so that a receiver slowed by a busy machine is not retried)."""
+    s = start(async_store, tmp_path_factory.mktemp("impatient"), **FAST, webhook_timeout_seconds=1.0)
+    yield s
+    s.stop()
+
+
 @pytest.fixture
 def hooks(receiver: Receiver) -> Receiver:
     receiver.reset()
@@ -171,13 +179,12 @@ def test_webhook_gets_the_synchronous_answer_and_the_batch_id(server: Server, ho
     sync = server.post(path, body)
     assert sync.status_code == 200
     batch_id = accept(server, path, {**body, "response_webhook": f"{hooks.url}/hook?token=abc"})
-    wait_for("the delivery", lambda: hooks.requests(batch_id))
+    job = finished(server, batch_id)
     got = hooks.requests(batch_id)
     assert len(got) == 1
     assert got[0]["body"] == sync.content
     assert got[0]["path"] == "/hook?token=abc"  # the query string is kept
     assert got[0]["headers"]["content-type"] == "application/json"
-    job = finished(server, batch_id)
     assert job["state"] == "delivered" and job["result_status"] == 200
     assert job["webhook"] == f"{hooks.url}/hook"  # its token is not shown
     assert [a["status"] for a in job["attempts"]] == [200]
@@ -226,21 +233,22 @@ def test_a_receiver_refusing_with_a_4xx_is_not_retried(server: Server, hooks: Re
     assert len(hooks.requests(batch_id)) == 1
 
 
-def test_a_slow_receiver_is_retried(server: Server, hooks: Receiver) -> None:
+def test_a_slow_receiver_is_retried(impatient: Server, hooks: Receiver) -> None:
     hooks.reset([(200, 4.0)])  # slower than webhook_timeout_seconds (1 s here)
-    batch_id = accept(server, "/v1/echo/latest", {"data": 2, "response_webhook": hooks.url})
-    job = finished(server, batch_id)
+    batch_id = accept(impatient, "/v1/echo/latest", {"data": 2, "response_webhook": hooks.url})
+    job = finished(impatient, batch_id)
     assert job["state"] == "delivered"
-    assert len(job["attempts"]) == 2 and job["attempts"][0]["status"] is None
+    assert len(job["attempts"]) >= 2 and job["attempts"][0]["status"] is None
     assert "no answer within" in job["attempts"][0]["error"]
-    assert len(hooks.requests(batch_id)) == 2
+    assert job["attempts"][-1]["status"] == 200
+    assert len(hooks.requests(batch_id)) >= 2
 
 
-def test_a_slow_receiver_is_waited_for_with_ignore_timeout(server: Server, hooks: Receiver) -> None:
+def test_a_slow_receiver_is_waited_for_with_ignore_timeout(impatient: Server, hooks: Receiver) -> None:
     hooks.reset([(200, 2.5)])
-    batch_id = accept(server, "/v1/echo/latest", {"data": 3, "response_webhook": hooks.url,
-                                                  "response_webhook_ignore_timeout": True})
-    job = finished(server, batch_id)
+    batch_id = accept(impatient, "/v1/echo/latest", {"data": 3, "response_webhook": hooks.url,
+                                                     "response_webhook_ignore_timeout": True})
+    job = finished(impatient, batch_id)
     assert job["state"] == "delivered"
     assert [a["status"] for a in job["attempts"]] == [200]
     assert len(hooks.requests(batch_id)) == 1
