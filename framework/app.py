@@ -23,7 +23,7 @@ from framework import config as cfgmod
 from framework import auth, encoding, observe, openapi, preempt, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
-from framework.jobs import Jobs
+from framework.jobs import Jobs, is_batch_id
 from framework.links import Links
 from framework.errors import (
     BadRequest,
@@ -261,7 +261,13 @@ class Runtime:
 
     async def batch(self, request: Request) -> Response:
         """GET /v1/batches/<id>: a webhook job's state and delivery attempts."""
-        job = await self.jobs.status(request.path_params["batch_id"])
+        batch_id = request.path_params["batch_id"]
+        if not is_batch_id(batch_id):  # not a batch: a deployment named "batches", on a branch
+            if not auth.visible(request.scope, "batches"):
+                raise Forbidden("this API key is not allowed on deployment 'batches'; use a key for it")
+            request.scope["path_params"] = {"name": "batches", "branch": batch_id}
+            return await self.describe(request)
+        job = await self.jobs.status(batch_id)
         if not auth.visible(request.scope, job["deployment"]):
             raise Forbidden(f"this API key is not allowed on deployment {job['deployment']!r}, "
                             "whose batch this is; use a key for it")

@@ -47,6 +47,10 @@ CLEAN_EVERY_S = 60.0
 AnswerError = Callable[[BaseException], tuple[int, bytes]]
 
 
+def is_batch_id(text: str) -> bool:
+    return ID_RE.match(text) is not None
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import framework
-from conftest import REPO, Server, run_cli
+from conftest import REPO, Server, free_port, run_cli
 from framework.links import Links
 from framework.store import LocalStore
 from framework.webhooks import Allow, check
@@ -347,9 +347,11 @@ def test_a_webhook_to_loopback_without_the_allow_list_is_refused_and_nothing_sen
 
 
 def test_unknown_batches_are_a_json_404(server: Server) -> None:
-    for batch_id in ("0" * 32, "nope"):
-        resp = httpx.get(f"{server.url}/v1/batches/{batch_id}")
-        assert resp.status_code == 404 and "no batch" in resp.json()["error"]
+    resp = httpx.get(f"{server.url}/v1/batches/{'0' * 32}")
+    assert resp.status_code == 404 and "no batch" in resp.json()["error"]
+    # Not a batch id: the route still describes a deployment named "batches", here none.
+    resp = httpx.get(f"{server.url}/v1/batches/nope")
+    assert resp.status_code == 404 and "no deployment 'batches'" in resp.json()["error"]
 
 
 # -- response_format: "links" -----------------------------------------------------
@@ -445,6 +447,8 @@ def scrape(server: Server) -> dict[tuple[str, str], float]:
 def test_batches_and_links_are_keyed_like_inference(tmp_path: Path, hooks: Receiver) -> None:
     store = tmp_path / "store"
     run_cli("deploy", store=store, cwd=SAMPLE)
+    framework.deploy(lambda x: x, name="batches", store=str(store))
+    any_key = run_cli("keys", "create", store=store).stdout.strip()
     echo_key = run_cli("keys", "create", "--deployments", "echo", store=store).stdout.strip()
     greet_key = run_cli("keys", "create", "--deployments", "greet", store=store).stdout.strip()
     s = start(store, tmp_path / "server", **FAST)
@@ -460,6 +464,10 @@ def test_batches_and_links_are_keyed_like_inference(tmp_path: Path, hooks: Recei
         link = s.post("/v1/echo/latest", {"data": 2, "response_format": "links"},
                       headers={"Authorization": echo_key}).json()["data"]
         assert [get(link, k) for k in (None, greet_key, echo_key)] == [401, 403, 200]
+        # A deployment named "batches" is still described on its branches, to keys allowed on it.
+        described = f"{s.url}/v1/batches/main"
+        assert [get(described, k) for k in (None, echo_key, any_key)] == [401, 403, 200]
+        assert httpx.get(described, headers={"Authorization": any_key}).json()["name"] == "batches"
     finally:
         s.stop()
 
@@ -519,3 +527,28 @@ def test_the_modelbit_client_gets_a_link_and_a_batch_id(modelbit_reachable_serve
     accepted = modelbit.get_inference(deployment="echo", data=3, workspace=workspace, region=region,
                                       branch="main", response_webhook="https://127.0.0.1:9/hook")
     assert set(accepted) == {"batchId"}
+
+
+@pytest.mark.parametrize("setting, problem", [
+    ({"webhook_allow": "127.0.0.1"}, "must be a list"),
+    ({"webhook_allow": [127]}, "must be a list"),
+    ({"webhook_attempts": 0}, "at least 1"),
+    ({"link_ttl_seconds": 0}, "at least"),
+])
+def test_bad_async_settings_name_the_key(tmp_path: Path, setting: dict[str, Any], problem: str) -> None:
+    from framework import config
+
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump({"server": setting}))
+    with pytest.raises(framework.errors.ConfigError, match=problem) as caught:
+        config.load(path)
+    assert f"server.{next(iter(setting))}" in str(caught.value)
+
+
+def test_a_bad_allow_entry_stops_the_server_start(async_store: Path, tmp_path: Path) -> None:
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump({"server": {"webhook_allow": ["10.0.0.0/8", "bad host/"]}}))
+    proc = run_cli("serve", "--port", str(free_port()), store=async_store, check=False, timeout=60,
+                   FRAMEWORK_CONFIG=str(config))
+    assert proc.returncode != 0
+    assert "server.webhook_allow" in proc.stderr and "'bad host/'" in proc.stderr
