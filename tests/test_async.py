@@ -103,11 +103,17 @@ def receiver() -> Iterator[Receiver]:
     r.stop()
 
 
-@pytest.fixture(scope="module")
-def async_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("async") / "store"
+def deployed(path: Path) -> Path:
     run_cli("deploy", store=path, cwd=SAMPLE)
     return path
+
+
+@pytest.fixture(scope="module")
+def async_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The store of the module's shared server. Every server on a store works on its jobs, so a
+    test that needs its own server's settings (or its own kill) to handle a job uses a store of
+    its own."""
+    return deployed(tmp_path_factory.mktemp("async") / "store")
 
 
 def start(store: Path, where: Path, **server: Any) -> Server:
@@ -135,10 +141,11 @@ def server(async_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture(scope="module")
-def impatient(async_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that gives up on a receiver after 1 s (the other servers wait the default 10 s,
     so that a receiver slowed by a busy machine is not retried)."""
-    s = start(async_store, tmp_path_factory.mktemp("impatient"), **FAST, webhook_timeout_seconds=1.0)
+    where = tmp_path_factory.mktemp("impatient")
+    s = start(deployed(where / "store"), where, **FAST, webhook_timeout_seconds=1.0)
     yield s
     s.stop()
 
@@ -254,10 +261,9 @@ def test_a_slow_receiver_is_waited_for_with_ignore_timeout(impatient: Server, ho
     assert len(hooks.requests(batch_id)) == 1
 
 
-def test_attempts_are_bounded_then_the_job_fails(async_store: Path, tmp_path: Path,
-                                                 hooks: Receiver) -> None:
+def test_attempts_are_bounded_then_the_job_fails(tmp_path: Path, hooks: Receiver) -> None:
     hooks.reset([(500, 0)] * 3)
-    s = start(async_store, tmp_path, **{**FAST, "webhook_attempts": 3})
+    s = start(deployed(tmp_path / "store"), tmp_path, **{**FAST, "webhook_attempts": 3})
     try:
         batch_id = accept(s, "/v1/echo/latest", {"data": 1, "response_webhook": hooks.url})
         job = finished(s, batch_id)
@@ -268,12 +274,13 @@ def test_attempts_are_bounded_then_the_job_fails(async_store: Path, tmp_path: Pa
         s.stop()
 
 
-def test_a_job_accepted_before_sigkill_is_delivered_after_a_restart(
-        async_store: Path, tmp_path: Path, hooks: Receiver) -> None:
+def test_a_job_accepted_before_sigkill_is_delivered_after_a_restart(tmp_path: Path,
+                                                                    hooks: Receiver) -> None:
     # Until armed the receiver fails every attempt, so nothing succeeds before the kill.
     hooks.reset()
     hooks.fail_until_armed = True
-    first = start(async_store, tmp_path / "first", **FAST)
+    store = deployed(tmp_path / "store")
+    first = start(store, tmp_path / "first", **FAST)
     try:
         batch_id = accept(first, "/v1/sleeper/latest", {"data": 1.0, "response_webhook": hooks.url})
         first.proc.kill()
@@ -282,7 +289,7 @@ def test_a_job_accepted_before_sigkill_is_delivered_after_a_restart(
         first.stop()
     assert hooks.successes(batch_id) == 0
     hooks.fail_until_armed = False
-    second = start(async_store, tmp_path / "second", **FAST)
+    second = start(store, tmp_path / "second", **FAST)
     try:
         job = finished(second, batch_id)
         assert job["state"] == "delivered"
@@ -293,8 +300,9 @@ def test_a_job_accepted_before_sigkill_is_delivered_after_a_restart(
         second.stop()
 
 
-def test_two_replicas_deliver_each_job_once(async_store: Path, tmp_path: Path, hooks: Receiver) -> None:
-    replicas = [start(async_store, tmp_path / f"r{n}", **FAST) for n in range(2)]
+def test_two_replicas_deliver_each_job_once(tmp_path: Path, hooks: Receiver) -> None:
+    store = deployed(tmp_path / "store")
+    replicas = [start(store, tmp_path / f"r{n}", **FAST) for n in range(2)]
     try:
         ids = [accept(replicas[n % 2], "/v1/sleeper/latest",
                       {"data": 0.2, "response_webhook": hooks.url}) for n in range(6)]
@@ -333,6 +341,7 @@ def test_the_allow_list_takes_hosts_and_networks() -> None:
 def test_a_webhook_to_loopback_without_the_allow_list_is_refused_and_nothing_sent(
         async_store: Path, tmp_path: Path, hooks: Receiver) -> None:
     s = start(async_store, tmp_path)
+    jobs_before = set(LocalStore(async_store).list_docs("jobs/"))
     try:
         resp = s.post("/v1/echo/latest", {"data": 1, "response_webhook": hooks.url})
         assert resp.status_code == 400
@@ -343,7 +352,7 @@ def test_a_webhook_to_loopback_without_the_allow_list_is_refused_and_nothing_sen
     finally:
         s.stop()
     assert hooks.got == []
-    assert LocalStore(async_store).list_docs("queue/") == []
+    assert set(LocalStore(async_store).list_docs("jobs/")) <= jobs_before  # no job was stored
 
 
 def test_unknown_batches_are_a_json_404(server: Server) -> None:
