@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -296,6 +297,28 @@ def test_a_job_accepted_before_sigkill_is_delivered_after_a_restart(tmp_path: Pa
         assert hooks.successes(batch_id) == 1
         assert json.loads(hooks.requests(batch_id)[-1]["body"]) == {"data": 1.0}
         assert job["runs"] >= 1
+    finally:
+        second.stop()
+
+
+def test_a_stopped_server_releases_its_jobs_to_the_next_at_once(tmp_path: Path,
+                                                                hooks: Receiver) -> None:
+    # Leases far longer than the test waits: the job is only taken up again if it was released.
+    hooks.reset()
+    hooks.fail_until_armed = True
+    store = deployed(tmp_path / "store")
+    slow = {**FAST, "async_lease_seconds": 600.0}
+    first = start(store, tmp_path / "first", **slow)
+    try:
+        batch_id = accept(first, "/v1/sleeper/latest", {"data": 0.5, "response_webhook": hooks.url})
+    finally:
+        first.stop()  # SIGTERM: a graceful stop
+    assert first.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises it once stopped
+    hooks.fail_until_armed = False
+    second = start(store, tmp_path / "second", **slow)
+    try:
+        assert finished(second, batch_id)["state"] == "delivered"
+        assert hooks.successes(batch_id) == 1
     finally:
         second.stop()
 
