@@ -24,6 +24,8 @@ from framework import auth, encoding, observe, openapi, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
 from framework.environments import Environments, build_all, wanted
+from framework.jobs import Jobs, is_batch_id
+from framework.links import Links
 from framework.errors import (
     BadRequest,
     CallTimeout,
@@ -33,6 +35,7 @@ from framework.errors import (
     EnvironmentFailed,
     FrameworkError,
     Forbidden,
+    Gone,
     IncompatibleArtifact,
     IntegrityError,
     LoadFailed,
@@ -56,6 +59,7 @@ STATUS: dict[type[FrameworkError], int] = {
     NotFound: 404,
     IntegrityError: 409,
     IncompatibleArtifact: 409,
+    Gone: 410,  # an expired result link
     PayloadTooLarge: 413,
     EnvironmentFailed: 424,  # before LoadFailed, its base class: the first match wins
     DeploymentFailed: 422,
@@ -87,6 +91,22 @@ def error_response(exc: FrameworkError) -> Response:
     headers = {"Retry-After": "1"} if status == 503 else (
         {"WWW-Authenticate": "Bearer"} if status == 401 else None)
     return JSONResponse(body, status, headers=headers)
+
+
+def answer_of(exc: BaseException) -> tuple[int, bytes]:
+    """(status, body) of a call that raised `exc` outside a request (an async job)."""
+    if isinstance(exc, FrameworkError):
+        response = error_response(exc)
+    else:
+        log.error("unhandled error in an async job", exc_info=exc)
+        response = JSONResponse({"error": f"internal error: {type(exc).__name__}"}, 500)
+    return response.status_code, bytes(response.body)
+
+
+async def send_json(send: Send, status: int, payload: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-length", b"%d" % len(payload)), (b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -176,6 +196,8 @@ class Runtime:
                                      isolation=s["isolation"], environments=self.environments)
         # Why /readyz should not say ready yet, if anything (server.prebuild building).
         self.not_ready: str | None = None
+        self.links = Links(self.store, ttl=float(s["link_ttl_seconds"]), base_url=s["link_base_url"])
+        self.jobs = Jobs(self.store, s, self.versions, self.links, answer_of)
 
     async def prebuild(self) -> None:
         """Build the environments of `latest` and aliased versions, then say ready."""
@@ -205,6 +227,11 @@ class Runtime:
             body = await read_body(scope, receive, self.limit)
             call = protocol.parse(body)
             timeout = min(call.timeout or self.timeout, self.timeout)
+            if call.webhook is not None:  # answered once its job is stored; framework.jobs runs it
+                version = await self.versions.resolve(branch, name, ref)
+                base = self.links.base(scope)
+                accepted = await self.jobs.accept(call, body, branch, name, version, base)
+                return await send_json(send, 200, accepted)
             runner = self.versions.cached(branch, name, ref)
             if runner is None:
                 version = await self.versions.resolve(branch, name, ref)
@@ -212,6 +239,9 @@ class Runtime:
                 runner = await self.versions.runner(branch, name, version, timeout)
             scope[observe.SCOPE_CALL] = (runner, call)
             status, payload = await runner.run(call, timeout)
+            if call.response_format == "links" and status == 200:
+                url = await self.links.publish_async(self.links.base(scope), name, payload)
+                payload = encoding.dumps({"data": url})
         finally:
             self.inflight -= 1
         await send({"type": "http.response.start", "status": status, "headers": [
@@ -249,6 +279,25 @@ class Runtime:
             "versions": versions,
         }
 
+    async def batch(self, request: Request) -> Response:
+        """GET /v1/batches/<id>: a webhook job's state and delivery attempts."""
+        batch_id = request.path_params["batch_id"]
+        if not is_batch_id(batch_id):  # not a batch: a deployment named "batches", on a branch
+            if not auth.visible(request.scope, "batches"):
+                raise Forbidden("this API key is not allowed on deployment 'batches'; use a key for it")
+            request.scope["path_params"] = {"name": "batches", "branch": batch_id}
+            return await self.describe(request)
+        job = await self.jobs.status(batch_id)
+        if not auth.visible(request.scope, job["deployment"]):
+            raise Forbidden(f"this API key is not allowed on deployment {job['deployment']!r}, "
+                            "whose batch this is; use a key for it")
+        return JSONResponse(job)
+
+    async def link(self, request: Request) -> Response:
+        """GET /v1/<name>/links/<id>?sig=...: an answer given as a link."""
+        p, sig = request.path_params, request.query_params.get("sig", "")
+        return JSONResponse(await asyncio.to_thread(self.links.read, p["name"], p["link_id"], sig))
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "loaded": len(self.versions.loaded())})
 
@@ -259,6 +308,8 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     s = rt.cfg.server
     debug = bool(s["debug"])
     metrics = Metrics(rt) if s["metrics"] else None
+    if metrics is not None:
+        metrics.registry.register(rt.jobs)
     # Outermost first: the observer also sees (and logs) the answers of the key check.
     ring = auth.KeyRing(rt.store, required=s["require_api_keys"])
     middleware = [Middleware(auth.AuthMiddleware, ring=ring, on_error=error_response)]
@@ -297,7 +348,9 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         if s["prebuild"]:
             rt.not_ready = "building the environments of latest and aliased versions (server.prebuild)"
             building = asyncio.ensure_future(rt.prebuild())
+        rt.jobs.start()
         yield
+        await rt.jobs.stop()
         if building is not None:
             building.cancel()
         rt.versions.close()
@@ -316,6 +369,8 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         Route("/healthz", rt.healthz, methods=["GET"]),
         Route("/v1", rt.list_deployments, methods=["GET"]),
         Route("/v1/", rt.list_deployments, methods=["GET"]),
+        Route("/v1/batches/{batch_id}", rt.batch, methods=["GET"]),
+        Route("/v1/{name}/links/{link_id}", rt.link, methods=["GET"]),
         Route("/v1/{name}", rt.describe, methods=["GET"]),
         Route("/v1/{name}/{branch}", rt.describe, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint(rt), methods=["GET"]),

@@ -187,6 +187,8 @@ def _protected(path: str) -> tuple[bool, str | None]:
     """(needs a key, deployment name or None) for a request path."""
     if path == "/openapi.json" or path in ("/v1", "/v1/"):
         return True, None
+    if path.startswith("/v1/batches/"):  # any valid key; the route checks the batch's deployment
+        return True, None
     if path.startswith("/v1/"):
         return True, path.split("/", 3)[2] or None
     return False, None

@@ -77,22 +77,35 @@ def get_inference(
     concurrency: int = 4,
     workspace: str | None = None,
     region: str | None = None,
+    response_format: str | None = None,
+    response_webhook: str | None = None,
+    response_webhook_ignore_timeout: bool | None = None,
 ) -> dict[str, Any]:
     """Call a deployment; returns `{"data": ...}` like the server (and modelbit).
 
     `workspace` and `region` are accepted so that calls written for
     `modelbit.get_inference` run unchanged; the server is the one at `url`.
+    With `response_webhook` the answer is `{"batchId": ...}` and the result is
+    POSTed to the webhook; with `response_format="links"` it is `{"data": url}`.
+    Either way the data goes in one request, not in chunks: one call has one
+    batch id, one link.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     path = f"/v1/{deployment}/{(branch or 'main').replace('/', '~')}/{version}"
     headers = {"Authorization": api_key} if api_key else {}
-    extra = {"timeout_seconds": timeout_seconds} if timeout_seconds else {}
+    extra: dict[str, Any] = {"timeout_seconds": timeout_seconds} if timeout_seconds else {}
+    later = {k: v for k, v in (("response_format", response_format),
+                               ("response_webhook", response_webhook),
+                               ("response_webhook_ignore_timeout", response_webhook_ignore_timeout))
+             if v is not None}
     # The server enforces the call's time limit; the HTTP timeout only guards the socket.
     http_timeout = httpx.Timeout(None if timeout_seconds is None else timeout_seconds + 30, connect=10)
     with httpx.Client(base_url=url, headers=headers, timeout=http_timeout) as client:
         if not _is_batch(data):
-            return _post(client, path, {"data": data, "batch": False, **extra})
+            return _post(client, path, {"data": data, "batch": False, **extra, **later})
+        if later:
+            return _post(client, path, {"data": data, **extra, **later})
         # By value, as the server compares them (1 and 1.0 are one id); unhashable ids are
         # left for the server to refuse with the row's index.
         ids = [row[0] for row in data if row and isinstance(row[0], (str, int, float))]

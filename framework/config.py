@@ -46,12 +46,29 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "metrics": True,
     "access_log": True,
     "log_payloads": False,
+    # Modelbit's response_webhook and response_format "links" (docs/async.md).
+    "async_timeout_seconds": 900.0,
+    "async_concurrency": 8,
+    "async_lease_seconds": 30.0,
+    "async_poll_seconds": 1.0,
+    "async_retention_seconds": 86400.0,
+    "webhook_allow": [],
+    "webhook_attempts": 8,
+    "webhook_backoff_seconds": 1.0,
+    "webhook_backoff_max_seconds": 60.0,
+    "webhook_timeout_seconds": 10.0,
+    "link_ttl_seconds": 3600.0,
+    "link_base_url": "",
 }
 
 # The smallest value each numeric server setting may take.
 SERVER_MINIMUMS: dict[str, float] = {
     "port": 1, "workers": 1, "max_body_bytes": 1, "max_concurrency": 1,
     "timeout_seconds": 0.001, "cache_size": 1, "cache_bytes": 0,
+    "async_timeout_seconds": 0.001, "async_concurrency": 1,
+    "async_lease_seconds": 0.1, "async_poll_seconds": 0.01, "async_retention_seconds": 0,
+    "webhook_attempts": 1, "webhook_backoff_seconds": 0, "webhook_backoff_max_seconds": 0,
+    "webhook_timeout_seconds": 0.001, "link_ttl_seconds": 0.001,
 }
 # The values a string setting may take.
 SERVER_CHOICES: dict[str, tuple[str, ...]] = {"isolation": ("thread", "process")}
@@ -84,7 +101,7 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise _fail(path, "server", "must be a mapping", f"allowed keys: {sorted(SERVER_DEFAULTS)}")
-    out = dict(SERVER_DEFAULTS)
+    out = {k: list(v) if isinstance(v, list) else v for k, v in SERVER_DEFAULTS.items()}
     for key, value in raw.items():
         if key not in SERVER_DEFAULTS:
             raise _fail(path, f"server.{key}", "unknown key", f"allowed: {sorted(SERVER_DEFAULTS)}")
@@ -92,10 +109,10 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else (
             isinstance(value, want) and (want is bool or not isinstance(value, bool))
         )
+        if want is list and ok and not all(isinstance(v, str) for v in value):
+            ok = False
         if not ok:
             raise _fail(path, f"server.{key}", f"must be a {want.__name__}, got {value!r}", "fix it")
-        if want is list and not all(isinstance(v, str) for v in value):
-            raise _fail(path, f"server.{key}", f"must be a list of strings, got {value!r}", "fix it")
         if key in SERVER_CHOICES and value not in SERVER_CHOICES[key]:
             raise _fail(path, f"server.{key}", f"must be one of {list(SERVER_CHOICES[key])}, "
                         f"got {value!r}", "pick one")

@@ -63,6 +63,10 @@ class BadRequest(FrameworkError):
     """A request body that does not follow the protocol."""
 
 
+class Gone(FrameworkError):
+    """Something that existed for a limited time (a result link) has expired."""
+
+
 class PayloadTooLarge(FrameworkError):
     """A request body over the configured limit."""
 

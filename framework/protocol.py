@@ -32,6 +32,10 @@ class Call:
     order: Callable[[Any], Any] = itemgetter(0)
     # Rows that failed, set by the runner once a batch has run (for metrics and logs).
     failed: int = 0
+    # Modelbit's asynchronous and large-answer options (framework.jobs, framework.links).
+    webhook: str | None = None
+    webhook_ignore_timeout: bool = False
+    response_format: str | None = None
 
 
 def _is_id(value: Any) -> bool:
@@ -80,7 +84,7 @@ def parse(body: bytes) -> Call:
         raise BadRequest('request body must be a JSON object with a "data" key, e.g. {"data": [[1, 10]]}')
     data = doc["data"]
     # Most bodies hold `data` alone, with no options to check.
-    batch_opt, partial, timeout = (None, False, None) if len(doc) == 1 else _options(doc)
+    batch_opt, partial, timeout, later = (None, False, None, None) if len(doc) == 1 else _options(doc)
     is_list = isinstance(data, list)
     all_lists = is_list and set(map(type, data)) <= {list}
     if batch_opt is None:
@@ -90,16 +94,23 @@ def parse(body: bytes) -> Call:
     else:
         batch = batch_opt
     if not batch:
-        return Call(False, data, [], [], partial, timeout)
+        return _answered_later(Call(False, data, [], [], partial, timeout), later)
     checked = _fast_ids(data) if all_lists else None
     ids, kinds = checked if checked is not None else _checked_ids(data)
     mixed = bool(kinds & {int, float}) and str in kinds
     order = pair_order if mixed else itemgetter(0)
-    return Call(True, data, ids, data, partial, timeout, order)
+    return _answered_later(Call(True, data, ids, data, partial, timeout, order), later)
 
 
-def _options(doc: dict[str, Any]) -> tuple[bool | None, bool, float | None]:
-    """The request's `batch`, `partial` and `timeout_seconds`, checked."""
+def _answered_later(call: Call, later: tuple[str | None, bool, str | None] | None) -> Call:
+    if later is not None:
+        call.webhook, call.webhook_ignore_timeout, call.response_format = later
+    return call
+
+
+def _options(doc: dict[str, Any]) -> tuple[bool | None, bool, float | None,
+                                           tuple[str | None, bool, str | None] | None]:
+    """The request's `batch`, `partial`, `timeout_seconds` and webhook and format options, checked."""
     batch_opt = doc.get("batch")
     if batch_opt is not None and not isinstance(batch_opt, bool):
         raise BadRequest(f'"batch" must be true or false, got {batch_opt!r}')
@@ -111,11 +122,19 @@ def _options(doc: dict[str, Any]) -> tuple[bool | None, bool, float | None]:
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
     ):
         raise BadRequest(f'"timeout_seconds" must be a positive number, got {timeout!r}')
-    if doc.get("response_webhook") is not None:
-        raise BadRequest('"response_webhook" is not supported yet; call without it and wait for the answer')
-    if doc.get("response_format") not in (None, "json"):
-        raise BadRequest(f'"response_format" {doc["response_format"]!r} is not supported; omit it for JSON')
-    return batch_opt, partial, timeout
+    webhook = doc.get("response_webhook")
+    if webhook is not None and (not isinstance(webhook, str) or not webhook):
+        raise BadRequest(f'"response_webhook" must be a URL string, got {webhook!r}')
+    ignore = doc.get("response_webhook_ignore_timeout")
+    if ignore is not None and not isinstance(ignore, bool):
+        raise BadRequest(f'"response_webhook_ignore_timeout" must be true or false, got {ignore!r}')
+    if ignore is not None and webhook is None:
+        raise BadRequest('"response_webhook_ignore_timeout" needs a "response_webhook"; add one or drop it')
+    fmt = doc.get("response_format")
+    if fmt not in (None, "json", "links"):
+        raise BadRequest(f'"response_format" must be "links" or "json", got {fmt!r}')
+    later = (webhook, bool(ignore), None if fmt == "json" else fmt)
+    return batch_opt, partial, timeout, later if webhook is not None or fmt == "links" else None
 
 
 _ID_TYPES = {int, float, str}
