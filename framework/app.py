@@ -37,6 +37,7 @@ from framework.errors import (
     Overloaded,
     PayloadTooLarge,
     RowsFailed,
+    StoreDamaged,
     StoreError,
     Unauthorized,
 )
@@ -53,6 +54,7 @@ STATUS: dict[type[FrameworkError], int] = {
     NotFound: 404,
     IntegrityError: 409,
     IncompatibleArtifact: 409,
+    StoreDamaged: 409,  # a retry reads the same damaged file: it needs a deploy or a fix
     PayloadTooLarge: 413,
     DeploymentFailed: 422,
     RowsFailed: 422,

@@ -264,9 +264,7 @@ def pack(dep: Deployment, *, branch: str, roots: list[Path]) -> Package:
         by_value_modules=by_value,
         root=roots[0],
     )
-    key = signing.current_key()
-    if key is not None:
-        m["signed"] = signing.sign(artifact, m, key)
+    # Not signed here: the store signs at publish, once the version number is claimed.
     return Package(dep.name, artifact, m)
 
 
