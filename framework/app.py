@@ -42,6 +42,7 @@ from framework.errors import (
     Unauthorized,
 )
 from framework.metrics import Metrics
+from framework.refresh import Refresher
 
 log = logging.getLogger("framework.runtime")
 
@@ -243,6 +244,7 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     metrics = Metrics(rt) if s["metrics"] else None
     # Outermost first: the observer also sees (and logs) the answers of the key check.
     ring = auth.KeyRing(rt.store, required=s["require_api_keys"])
+    refresher = Refresher(rt.versions, ring)
     middleware = [Middleware(auth.AuthMiddleware, ring=ring, on_error=error_response)]
     access = AccessLog() if s["access_log"] else None
     observer = None
@@ -279,7 +281,9 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         rt.versions.watchdog = preempt.install()
         if rt.versions.watchdog is None:
             log.info("the event loop is not on the main thread: no calls run on it")
+        refresher.start()  # refs and keys stay fresh whatever the traffic
         yield
+        await refresher.stop()
         rt.versions.close()
         if observer is not None:
             observer.flush()
@@ -314,6 +318,7 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     # A trailing slash gets a JSON 404, not a bodyless redirect that POST clients mishandle.
     app.router.redirect_slashes = False
     app.state.runtime = rt
+    app.state.refresher = refresher
     return app
 
 

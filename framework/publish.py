@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
+import os
 import sys
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -190,6 +192,12 @@ def deploy(
     $FRAMEWORK_STORE / $FRAMEWORK_BRANCH.
     """
     cfg = cfgmod.load(config)
+    if cfg.path is None and store is None and not os.environ.get("FRAMEWORK_STORE"):
+        # A notebook's working directory is easy to mistake: say where the version goes.
+        warnings.warn(
+            f"no {cfgmod.CONFIG_NAME} in {os.getcwd()} and no $FRAMEWORK_STORE: publishing to "
+            f"the default store {cfg.store}; pass store=... (or set $FRAMEWORK_STORE) to publish "
+            "where your server reads", UserWarning, stacklevel=2)
     if isinstance(fn, registry.Deployment):
         options = {**fn.options.as_kwargs(), **options}
         name = name or fn.name
