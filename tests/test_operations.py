@@ -169,16 +169,17 @@ def test_liveness_and_readiness(tmp_path):
 
 def test_hanging_deployment_times_out_without_delaying_others(server):
     def hang() -> httpx.Response:
-        return server.post("/v1/hangs/latest", {"data": 1, "timeout_seconds": 1.5})
+        return server.post("/v1/hangs/latest", {"data": 1, "timeout_seconds": 10})
 
     with ThreadPoolExecutor(12) as pool:
         # more hung calls than the version has threads (8)
         hung = [pool.submit(hang) for _ in range(12)]
         time.sleep(0.3)
         for _ in range(5):
-            started = time.monotonic()
             assert server.post("/v1/echo/latest", {"data": [[1, "x"]]}).json() == {"data": [[1, "x"]]}
-            assert time.monotonic() - started < 0.5
+        # Not delayed: answered while every hung call still waits for its limit (no clock
+        # assertion, which a shared machine would break).
+        assert not any(f.done() for f in hung)
         answers = [f.result() for f in hung]
     assert {a.status_code for a in answers} == {504}
     assert all("timeout_seconds" in a.json()["error"] for a in answers)
