@@ -145,8 +145,12 @@ class _RelativePickler(cloudpickle.Pickler):
             rel = self.relative(obj.co_filename)
             if rel is not obj.co_filename:
                 make, args = _cp._code_reduce(obj)
-                at = args.index("<dynamic-code>")  # the one argument that is the file name
-                return make, args[:at] + (rel,) + args[at + 1:]
+                # The one argument that is the file name: "<dynamic-code>" since cloudpickle 3.1.
+                for written in ("<dynamic-code>", obj.co_filename):
+                    if written in args:
+                        at = args.index(written)
+                        return make, args[:at] + (rel,) + args[at + 1:]
+                return make, args
         if isinstance(obj, types.ModuleType) and not _cp._should_pickle_by_reference(obj):
             make, (name, state) = _cp._module_reduce(obj)
             state = {**state, "__file__": self.relative(state.get("__file__")),

@@ -262,12 +262,13 @@ def test_workflow_gives_the_signing_key_only_to_pushes_to_main():
 
 PROJECT_MODULE = '''\
 from framework import deployment
+from proj import util
 
 
 def helper(x):
     if x < 0:
         raise ValueError("negative input " + str(x))
-    return x + 1
+    return x + util.STEP
 
 
 @deployment
@@ -280,6 +281,7 @@ def _checkout(at: Path) -> Path:
     (at / "proj").mkdir(parents=True)
     (at / "proj" / "__init__.py").write_text("")
     (at / "proj" / "model.py").write_text(PROJECT_MODULE)
+    (at / "proj" / "util.py").write_text("STEP = 1\n")  # a module object the function refers to
     (at / "deploy.yaml").write_text("modules: [proj.model, deployments.examples]\n")
     shutil.copytree(REPO / "deployments", at / "deployments",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -299,6 +301,7 @@ def test_same_commit_from_two_checkouts_is_unchanged_and_has_no_paths(tmp_path):
             for leaked in (b"runner-a", b"runner-b", str(tmp_path).encode()):
                 assert leaked not in data, f"{path} holds {leaked!r}"
     manifest = LocalStore(store).read_manifest("main", "plus_one", 1)
+    assert manifest["git"] is None  # no git here: nothing of the checkout in the manifest
     assert manifest["sources"]["proj/model.py"] == PROJECT_MODULE
 
     # Tracebacks name the relative file and show its lines, from the manifest's copy.
@@ -306,10 +309,11 @@ def test_same_commit_from_two_checkouts_is_unchanged_and_has_no_paths(tmp_path):
     shutil.rmtree(second)
     server = Server(store, cwd=tmp_path)
     try:
+        assert call(server, "/v1/plus_one/latest", 4).json() == {"data": 5}
         resp = call(server, "/v1/plus_one/latest", -4)
         assert resp.status_code == 422 and "negative input -4" in resp.json()["error"]
         log = server.output_once(lambda text: "negative input -4" in text and "line" in text)
-        assert 'File "proj/model.py", line 6, in helper' in log, log
+        assert 'File "proj/model.py", line 7, in helper' in log, log
         assert 'raise ValueError("negative input " + str(x))' in log, log
         assert "<dynamic-code>" not in log and str(tmp_path / "runner") not in log
     finally:
