@@ -4,11 +4,12 @@
 re-resolves every remembered ref on a timer whatever the traffic, so a running
 server sees a new version within about a second without a store read per
 request. Without it (an app whose lifespan did not run), a ref is re-read on a
-thread once it is `ttl` seconds old, while callers keep the previous answer. A version number, once seen, never changes: it is cached
-for good. Loaded versions live in a bounded LRU; each is loaded once even when
-many requests ask for it at the same time, on a thread pool of its own (a slow
-`setup` cannot starve the resolving of other deployments). A version that
-failed to load is not retried for `FAILED_TTL` seconds.
+thread once it is `ttl` seconds old, while callers keep the previous answer.
+A version number, once seen, never changes: it is cached for good. Loaded
+versions live in a bounded LRU; each is loaded once even when many requests
+ask for it at the same time, on a thread pool of its own (a slow `setup`
+cannot starve the resolving of other deployments). A version that failed to
+load is not retried for `FAILED_TTL` seconds.
 """
 
 from __future__ import annotations

@@ -62,6 +62,12 @@ def test_a_store_that_is_a_file_is_refused_by_every_command(tmp_path, args):
     _refused(run_cli(*args, store=blocker, check=False), 4, str(blocker), "not a directory")
 
 
+def test_a_branch_name_too_long_for_the_file_system_is_a_usage_error(tmp_path):
+    long = "feature/" + "x" * 300
+    _refused(run_cli("deploy", "--branch", long, store=tmp_path / "store", check=False), 2,
+             "--branch", "at most 200")
+
+
 def test_version_and_a_deploy_without_deploy_yaml(tmp_path):
     proc = run_cli("--version", store=tmp_path / "store")
     assert proc.stdout.strip() == f"framework {framework.__version__}"

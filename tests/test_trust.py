@@ -222,6 +222,7 @@ def test_signed_versions_moved_in_the_store_are_refused(tmp_path):
         assert call(server, "/v1/example_doubler/pr-7/latest", 3).json() == {"data": 6}
         assert call(server, "/v1/example_doubler/1", 5).json() == {"data": 10}
         metrics = httpx.get(server.url + "/metrics").text
+        assert 'deployment="example_doubler",version="1"' in metrics.replace('branch="main",', "")
         assert 'version="5"' not in metrics, "a refused version showed up in the metrics"
     finally:
         server.stop()
