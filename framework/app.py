@@ -43,10 +43,12 @@ from framework.errors import (
     Overloaded,
     PayloadTooLarge,
     RowsFailed,
+    StoreDamaged,
     StoreError,
     Unauthorized,
 )
 from framework.metrics import Metrics
+from framework.refresh import Refresher
 
 log = logging.getLogger("framework.runtime")
 
@@ -60,6 +62,7 @@ STATUS: dict[type[FrameworkError], int] = {
     IntegrityError: 409,
     IncompatibleArtifact: 409,
     Gone: 410,  # an expired result link
+    StoreDamaged: 409,  # a retry reads the same damaged file: it needs a deploy or a fix
     PayloadTooLarge: 413,
     EnvironmentFailed: 424,  # before LoadFailed, its base class: the first match wins
     DeploymentFailed: 422,
@@ -312,6 +315,7 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         metrics.registry.register(rt.jobs)
     # Outermost first: the observer also sees (and logs) the answers of the key check.
     ring = auth.KeyRing(rt.store, required=s["require_api_keys"])
+    refresher = Refresher(rt.versions, ring)
     middleware = [Middleware(auth.AuthMiddleware, ring=ring, on_error=error_response)]
     access = AccessLog() if s["access_log"] else None
     observer = None
@@ -348,9 +352,11 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
         if s["prebuild"]:
             rt.not_ready = "building the environments of latest and aliased versions (server.prebuild)"
             building = asyncio.ensure_future(rt.prebuild())
+        refresher.start()  # refs and keys stay fresh whatever the traffic
         rt.jobs.start()
         yield
         await rt.jobs.stop()
+        await refresher.stop()
         if building is not None:
             building.cancel()
         rt.versions.close()
@@ -389,6 +395,7 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     # A trailing slash gets a JSON 404, not a bodyless redirect that POST clients mishandle.
     app.router.redirect_slashes = False
     app.state.runtime = rt
+    app.state.refresher = refresher
     return app
 
 

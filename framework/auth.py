@@ -7,9 +7,12 @@ The store keeps only each key's sha256: a key is random (256 bits), so a
 plain hash is enough, and a leaked store leaks no usable key.
 
 A key reads `fw_<id>_<secret>`. The id is public (in `keys list`, in logs);
-the secret is shown once, at creation. Protected: every `/v1` route and
-`/openapi.json`. Health (`/healthz`, `/livez`, `/readyz`) and `/metrics`
-stay open, so probes and scrapers need no key.
+the secret is shown once, at creation. Protected: every route but health
+(`/healthz`, `/livez`, `/readyz`) and `/metrics`, which stay open so probes
+and scrapers need no key. Protection is decided on the path the router
+matches, with the ASGI `root_path` taken off as Starlette's router does, so
+the app mounted under a prefix (`Mount("/ml", app)`) or served behind a proxy
+(`framework serve --root-path /ml`) is protected the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework.observe import SCOPE_ERROR, SCOPE_KEY
-from framework.errors import Forbidden, FrameworkError, NotFound, StoreError, Unauthorized
+from framework.errors import (
+    Forbidden,
+    FrameworkError,
+    NotFound,
+    StoreDamaged,
+    StoreError,
+    Unauthorized,
+)
 from framework.registry import check_name
 from framework.store import Store
 
@@ -115,17 +125,31 @@ def _active(doc: dict[str, Any] | None) -> dict[str, Key]:
 
 
 class KeyRing:
-    """The store's keys as the runtime sees them, re-read at most every `ttl` seconds."""
+    """The store's keys as the runtime sees them.
+
+    Re-read by `framework.refresh.Refresher` on a timer, whatever the traffic;
+    without it (an app whose lifespan did not run), at most every `ttl` seconds
+    when a request comes.
+    """
 
     def __init__(self, store: Store, *, required: bool, ttl: float = 0.5) -> None:
         self.store = store
         self.required = required
         self.ttl = ttl
+        self.background = False  # a Refresher calls `apply`; requests never start a read
         self._reading: asyncio.Future[Any] | None = None
-        doc = store.read_keys()
-        self.enabled = required or doc is not None
-        self.keys = _active(doc)
+        try:
+            doc = store.read_keys()
+        except StoreDamaged as exc:  # keys were on: a damaged document must not open the server
+            log.error("%s; every protected call is refused until it is fixed", exc)
+            doc = {"keys": {}}
+        self.apply(doc)
         self._expires = time.monotonic() + ttl
+
+    def apply(self, doc: dict[str, Any] | None) -> None:
+        """Take `doc` (the store's keys document, None when there is none) as the keys now."""
+        self.enabled = self.required or doc is not None
+        self.keys = _active(doc)
 
     def refresh(self) -> None:
         """Start re-reading the keys on a thread when they are due; callers never wait.
@@ -134,7 +158,7 @@ class KeyRing:
         freeze the server, and a revoked key stops working within ttl + one read.
         """
         now = time.monotonic()
-        if now < self._expires or self._reading is not None:
+        if self.background or now < self._expires or self._reading is not None:
             return
         self._expires = now + self.ttl
         self._reading = asyncio.ensure_future(asyncio.to_thread(self.store.read_keys))
@@ -146,11 +170,10 @@ class KeyRing:
             return
         try:
             doc = done.result()
-        except (StoreError, ValueError) as exc:
+        except (StoreError, StoreDamaged, ValueError) as exc:
             log.error("cannot re-read API keys, keeping the previous ones: %s", exc)
             return
-        self.enabled = self.required or doc is not None
-        self.keys = _active(doc)
+        self.apply(doc)
 
     def check(self, header: str | None, name: str | None) -> Key:
         """The caller's key, or Unauthorized / Forbidden. `name` is None for listings."""
@@ -183,15 +206,29 @@ def visible(scope: Scope, name: str) -> bool:
     return key is None or key.allows(name)
 
 
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: `path` without the `root_path` it starts with
+    (as `starlette.routing` computes it, whose helper is private)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):]
+    return path
+
+
 def _protected(path: str) -> tuple[bool, str | None]:
-    """(needs a key, deployment name or None) for a request path."""
-    if path == "/openapi.json" or path in ("/v1", "/v1/"):
-        return True, None
+    """(needs a key, deployment name or None) for a route path: everything but the
+    open paths needs one, so a path this does not know is refused, never opened."""
+    if path in OPEN_PATHS:
+        return False, None
     if path.startswith("/v1/batches/"):  # any valid key; the route checks the batch's deployment
         return True, None
     if path.startswith("/v1/"):
         return True, path.split("/", 3)[2] or None
-    return False, None
+    return True, None
 
 
 class AuthMiddleware:
@@ -206,7 +243,7 @@ class AuthMiddleware:
         if scope["type"] == "http":
             self.ring.refresh()
             if self.ring.enabled:
-                needed, name = _protected(scope["path"])
+                needed, name = _protected(route_path(scope))
                 if needed:
                     header = next((v.decode("latin-1") for k, v in scope["headers"]
                                    if k == b"authorization"), None)

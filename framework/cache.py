@@ -1,12 +1,15 @@
 """Where a version is resolved and kept loaded, for the runtime.
 
-`latest` and aliases are re-read from the store at most every `ttl` seconds,
-so a running server sees a new version within about a second without a disk
-read per request. A version number, once seen, never changes: it is cached
-for good. Loaded versions live in an LRU bounded in count (`cache_size`) and
-in bytes (`cache_bytes`, a version counted at its artifact's size); each is
-loaded once even when many requests ask for it at the same time, on a thread
-pool of its own (a slow `setup` cannot starve the resolving of other
+`latest` and aliases are kept fresh by `framework.refresh.Refresher`, which
+re-resolves every remembered ref on a timer whatever the traffic, so a running
+server sees a new version within about a second without a store read per
+request. Without it (an app whose lifespan did not run), a ref is re-read on a
+thread once it is `ttl` seconds old, while callers keep the previous answer.
+A version number, once seen, never changes: it is cached for good. Loaded
+versions live in an LRU bounded in count (`cache_size`) and in bytes
+(`cache_bytes`, a version counted at its artifact's size); each is loaded
+once even when many requests ask for it at the same time, on a thread pool
+of its own (a slow `setup` cannot starve the resolving of other
 deployments). An evicted version is closed: its threads or worker processes
 end once the calls it already has are done, and its memory is given back to
 the system. A version that failed to load is not retried for `FAILED_TTL`
@@ -81,6 +84,7 @@ class VersionCache:
         self.bytes = 0
         self._trim = _malloc_trim()
         self._trim_pending = False
+        self.background = False  # a Refresher keeps `_refs` fresh: they never expire
         self._refreshing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._refs: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._loaded: OrderedDict[Key, Runner] = OrderedDict()
@@ -92,7 +96,7 @@ class VersionCache:
         """The loaded version `ref` names, where both are in memory and fresh: the
         path of most requests, with no coroutine to await."""
         hit = self._refs.get((branch, name, ref))
-        if hit is None or hit[1] <= time.monotonic():
+        if hit is None or (not self.background and hit[1] <= time.monotonic()):
             return None  # `resolve` reads it, or starts its refresh
         return self._used((branch, name, hit[0]))
 
@@ -105,11 +109,15 @@ class VersionCache:
 
     async def resolve(self, branch: str, name: str, ref: str) -> int:
         if ref.isascii() and ref.isdigit():
+            if len(ref) > 18:  # no such version, and int() refuses over 4,300 digits
+                raise NotFound(f"deployment {name!r} on branch {branch!r} has no version "
+                               f"{ref[:20]}...: see `framework versions {name}`")
             ref = str(int(ref))  # "01" and "1" share one entry, so URLs cannot grow the cache
         key = (branch, name, ref)
         hit = self._refs.get(key)
         if hit is not None:
-            if hit[1] <= time.monotonic() and key not in self._refreshing:
+            if (not self.background and hit[1] <= time.monotonic()
+                    and key not in self._refreshing):
                 # Re-read on a thread while callers keep the previous answer: neither a
                 # hung store nor the thread handoff ever holds up a request.
                 self._refreshing[key] = asyncio.ensure_future(self._refresh(key))
@@ -121,6 +129,17 @@ class VersionCache:
         # A number is immutable once it exists; names move, so they expire.
         self._refs[key] = (version, math.inf if key[2].isdigit() else time.monotonic() + self.ttl)
         return version
+
+    def moving_refs(self) -> list[tuple[str, str, str]]:
+        """The remembered refs that can move (`latest`, aliases), for the refresher."""
+        return [key for key in self._refs if not key[2].isdigit()]
+
+    def refreshed(self, key: tuple[str, str, str], version: int | None) -> None:
+        """What the refresher read for `key`: its version now, or None when it is gone."""
+        if version is None:
+            self._refs.pop(key, None)
+        else:
+            self._remember(key, version)
 
     async def _refresh(self, key: tuple[str, str, str]) -> None:
         try:

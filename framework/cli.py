@@ -2,7 +2,9 @@
 
 Exit codes: 0 success (an all-unchanged deploy included); 2 bad configuration
 or usage; 3 a deployment could not be packaged; 4 the store could not be read
-or written; 5 an unknown deployment, version or alias; 1 anything else.
+or written (or is damaged); 5 an unknown deployment, version or alias; 1
+anything else; 130 interrupted. Every error is one `error: ...` line saying
+what to do, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from framework import config as cfgmod
 from framework import lifecycle
 from framework import manifest as mf
 from framework import registry
-from framework.errors import ConfigError, FrameworkError, NotFound, PackagingError, RegistryError, StoreError
+from framework.errors import (
+    ConfigError,
+    FrameworkError,
+    NotFound,
+    PackagingError,
+    RegistryError,
+    StoreDamaged,
+    StoreError,
+)
 from framework.publish import Result
 from framework.store import Store
 
@@ -27,8 +37,38 @@ EXIT_CODES: dict[type[FrameworkError], int] = {
     RegistryError: 2,
     PackagingError: 3,
     StoreError: 4,
+    StoreDamaged: 4,
     NotFound: 5,
 }
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give a number from 1 to 65535")
+    return port
+
+
+def _workers(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of worker processes, at least 1")
+    return workers
+
+
+def _root_path(text: str) -> str:
+    if not text.startswith("/") or text.endswith("/") or "//" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the prefix the proxy strips, starting with '/' and without a "
+            "trailing '/', e.g. /ml")
+    return text
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -48,6 +88,12 @@ def _size(n: int) -> str:
 def cmd_deploy(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     from framework.publish import import_modules, publish_all, roots_of
 
+    if cfg.path is None:
+        raise ConfigError(
+            f"no {cfgmod.CONFIG_NAME} in {os.getcwd()}: run `framework deploy` in the project's "
+            f"directory, or pass --config PATH (or set $FRAMEWORK_CONFIG); {cfgmod.CONFIG_NAME} "
+            "lists the modules to deploy, e.g.  modules: [deployments]"
+        )
     branch = lifecycle.deploy_branch(args.branch, cfg)
     import_modules(cfg)
     deps = list(registry.registered().values())
@@ -104,14 +150,19 @@ def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     s = cfg.server
     host, port = args.host or s["host"], args.port or s["port"]
     workers = args.workers or s["workers"]
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{cfg.path or cfgmod.CONFIG_NAME}: server.port: {port} is not a TCP port; "
+                          "give a number from 1 to 65535")
     _check_port(host, port)
+    root_path = args.root_path or ""
     print(f"serving store {cfg.store} on http://{host}:{port} ({workers} worker(s))",
           file=sys.stderr)
     if workers == 1:
         from framework.app import serving_app
 
         uvicorn.run(serving_app(cfg), host=host, port=port, log_level=args.log_level,
-                    http=HTTPProtocol, access_log=not s["access_log"])  # ours replaces uvicorn's access lines
+                    http=HTTPProtocol, access_log=not s["access_log"],
+                    root_path=root_path)  # ours replaces uvicorn's access lines
     else:
         # Each worker process builds its own app from the same settings.
         if cfg.path:
@@ -119,7 +170,7 @@ def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
         os.environ["FRAMEWORK_STORE"] = cfg.store
         uvicorn.run("framework.app:app_from_env", factory=True, host=host, port=port,
                     workers=workers, log_level=args.log_level, http=HTTPProtocol,
-                    access_log=not s["access_log"])
+                    access_log=not s["access_log"], root_path=root_path)
     return 0
 
 
@@ -264,14 +315,21 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, cfgmod.Config], int], st
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="framework", description=__doc__.split("\n")[0])
+    from framework import __version__
+
+    p.add_argument("--version", action="version", version=f"framework {__version__}")
     p.add_argument("--config", help="path to deploy.yaml (default: $FRAMEWORK_CONFIG or ./deploy.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
     subs = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
     subs["deploy"].add_argument("--branch", help="branch to publish into (default: deploy.yaml, else main)")
     subs["serve"].add_argument("--host")
-    subs["serve"].add_argument("--port", type=int)
-    subs["serve"].add_argument("--workers", type=int)
-    subs["serve"].add_argument("--log-level", default="info")
+    subs["serve"].add_argument("--port", type=_port, help="1-65535 (default: server.port, 8000)")
+    subs["serve"].add_argument("--workers", type=_workers, help="processes (default: server.workers, 1)")
+    subs["serve"].add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    subs["serve"].add_argument(
+        "--root-path", type=_root_path, metavar="PATH",
+        help="the path prefix a reverse proxy strips before forwarding (e.g. /ml): links and "
+             "the key check see the app as mounted there")
     subs["deploy"].add_argument("--dry-run", action="store_true",
                                 help="package and validate everything, publish nothing")
     subs["deploy"].add_argument("--json", action="store_true",
@@ -319,3 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     except FrameworkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+    except OSError as exc:  # the file system refused something none of the checks foresaw
+        print(f"error: {exc.strerror or exc}"
+              f"{f': {exc.filename}' if exc.filename else ''}; check the path and its permissions",
+              file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -31,6 +31,10 @@ class NotFound(FrameworkError):
     """An unknown deployment, branch, version or alias."""
 
 
+class StoreDamaged(FrameworkError):
+    """A store file is unreadable (truncated, not JSON) or not where it was published."""
+
+
 class IntegrityError(FrameworkError):
     """An artifact does not match its manifest (sha256, signature)."""
 

@@ -16,7 +16,7 @@ from framework import config as cfgmod
 from framework import manifest as mf
 from framework import packaging, signing
 from framework.errors import ConfigError, NotFound, StoreError
-from framework.publish import Result, unchanged_version
+from framework.publish import Result, publish_changed
 from framework.store import Store, check_alias, check_branch
 
 ORIGINS = ("promoted_from", "rolled_back_from")
@@ -114,17 +114,15 @@ def _republish(store: Store, name: str, src_branch: str, version: int, dst_branc
     # Refuse to spread a changed artifact: the copy would get a fresh, trusted-looking version.
     key = signing.current_key()
     packaging.check_integrity(artifact, manifest, key)
-    same = unchanged_version(store, dst_branch, name, manifest["content_sha256"])
-    if same is not None:
-        return Result(name, dst_branch, same, "unchanged", len(artifact), manifest["sha256"])
-    # The copy's branch, time and origin differ, so the source's signature cannot carry over.
+    # The copy's branch, version, time and origin differ, so the source's signature cannot
+    # carry over: the store signs the copy at publish (verified above: only what this key
+    # signed is signed again).
     copy: dict[str, Any] = {k: v for k, v in manifest.items() if k not in (*ORIGINS, "signed")}
     copy.update(branch=dst_branch, created_at=mf.now(),
                 **{origin: {"branch": src_branch, "version": version, "sha256": manifest["sha256"]}})
-    if key is not None:  # verified above: only what this key signed is signed again
-        copy["signed"] = signing.sign(artifact, copy, key)
-    new = store.publish(dst_branch, name, artifact, copy)
-    return Result(name, dst_branch, new, status, len(artifact), manifest["sha256"])
+    new, fresh = publish_changed(store, dst_branch, name, artifact, copy)
+    return Result(name, dst_branch, new, status if fresh else "unchanged", len(artifact),
+                  manifest["sha256"])
 
 
 def promote(store: Store, name: str, *, src: str, dst: str, ref: str = "latest") -> Result:

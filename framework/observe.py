@@ -14,6 +14,7 @@ they are scraped and probed every few seconds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Awaitable
@@ -171,8 +172,11 @@ def routes(rt: Runtime, metrics: Metrics | None, observer: Observer | None) -> l
         try:
             await asyncio.wait_for(asyncio.to_thread(rt.store.branches), 5)
         except (StoreError, OSError, asyncio.TimeoutError) as exc:
-            detail = orjson.dumps({"error": f"the store cannot be read ({type(exc).__name__}: "
-                                            f"{exc}); check FRAMEWORK_STORE and its permissions"})
+            # The detail names server paths: it goes to the log, not to whoever probes.
+            logging.getLogger("framework.runtime").error("/readyz: the store cannot be read: %s", exc)
+            detail = orjson.dumps({"error": f"the store cannot be read ({type(exc).__name__}); "
+                                            "see the server log, check FRAMEWORK_STORE and its "
+                                            "permissions"})
             return Response(detail, 503, media_type="application/json")
         if rt.not_ready is not None:
             return Response(orjson.dumps({"error": f"not ready: {rt.not_ready}"}), 503,

@@ -3,22 +3,28 @@
 Built from the manifests of each deployment's latest version
 (`signature.parameters`), so it needs nothing unpickled. Annotations that are
 not plain JSON types (`int`, `float`, `str`, `bool`, `list`, `dict`) are
-described as "any value".
+described as "any value". Routes and parameters only: a deployment's source
+stays with the store's owner (`framework show`). A deployment whose latest
+manifest cannot be read is left out (and logged); the others are described.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from framework import auth, encoding
+from framework.errors import FrameworkError
 from framework.store import Store
 
 if TYPE_CHECKING:
     from framework.app import Runtime
+
+log = logging.getLogger("framework.openapi")
 
 JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean",
               "list": "array", "dict": "object"}
@@ -77,7 +83,6 @@ def _operation(name: str, manifest: dict[str, Any], branch_param: bool) -> dict[
         "type": "object", "properties": {"data": {}, "errors": {"type": "array"}}}}}}
     return {"post": {
         "summary": (manifest.get("signature") or {}).get("text") or name,
-        "description": (manifest.get("source") or "")[:2000],
         "parameters": params,
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": request_schema(manifest)}}},
@@ -91,7 +96,11 @@ def build(store: Store, visible: Any = lambda name: True) -> dict[str, Any]:
     for branch, name, latest in store.deployments():
         if not visible(name):
             continue
-        manifest = store.read_manifest(branch, name, latest)
+        try:
+            manifest = store.read_manifest(branch, name, latest)
+        except FrameworkError as exc:  # damaged or unreadable: one deployment, not the document
+            log.error("/openapi.json leaves out %s on branch %r: %s", name, branch, exc)
+            continue
         if branch == "main":
             paths[f"/v1/{name}/{{ref}}"] = _operation(name, manifest, False)
             paths[f"/v1/{name}/{{branch}}/{{ref}}"] = _operation(name, manifest, True)

@@ -5,6 +5,13 @@ project's own modules (anything imported from under the project root), so a
 runtime needs none of the project's source. Installed third-party packages
 are pickled by reference; their versions are recorded in the manifest.
 
+An artifact carries no path of the machine that built it: the project's
+code objects are pickled with project-relative file names, and the module
+attributes cloudpickle records (`__file__`, `__path__`) made relative too, so
+the same commit packed from two checkouts is the same content (`unchanged`).
+The text of those files goes into the manifest (`sources`), and loading seeds
+`linecache` with it: tracebacks name `deployments/x.py` and show its lines.
+
 Loading (`load`) is the one place where an artifact is unpickled: it checks
 the sha256 (and the signature, when a key is set) and the Python version
 *before* running any of the pickle's code.
@@ -15,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import linecache
 import logging
 import os
 import sys
@@ -36,6 +44,8 @@ from framework.registry import Deployment
 log = logging.getLogger("framework.packaging")
 
 PROTOCOL = 5
+# The project files whose text a manifest carries for tracebacks, at most this much in all.
+MAX_SOURCES_BYTES = 2 * 1024 * 1024
 
 
 @dataclass
@@ -103,12 +113,92 @@ def _by_value(module_names: list[str]) -> Iterator[None]:
             cloudpickle.unregister_pickle_by_value(sys.modules[name])
 
 
+# -- no machine paths in the pickle -------------------------------------------
+
+
+class _RelativePickler(cloudpickle.Pickler):
+    """cloudpickle, with the project's file names made relative to its root.
+
+    cloudpickle writes every code object's file as "<dynamic-code>" and keeps each
+    function module's absolute `__file__`; this writes the project-relative name in
+    both places instead, and notes the files, whose text the manifest carries.
+    """
+
+    def __init__(self, file: Any, roots: list[Path], **kw: Any) -> None:
+        super().__init__(file, **kw)
+        self.roots = [os.path.realpath(r) + os.sep for r in roots]
+        self.files: dict[str, str] = {}  # relative name -> absolute path
+
+    def relative(self, path: Any) -> Any:
+        if not isinstance(path, str) or not os.path.isabs(path):
+            return path
+        real = os.path.realpath(path)
+        for root in self.roots:
+            if real.startswith(root):
+                rel = Path(os.path.relpath(real, root)).as_posix()
+                self.files[rel] = real
+                return rel
+        return path
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.CodeType):
+            rel = self.relative(obj.co_filename)
+            if rel is not obj.co_filename:
+                make, args = _cp._code_reduce(obj)
+                # The one argument that is the file name: "<dynamic-code>" since cloudpickle 3.1.
+                for written in ("<dynamic-code>", obj.co_filename):
+                    if written in args:
+                        at = args.index(written)
+                        return make, args[:at] + (rel,) + args[at + 1:]
+                return make, args
+        if isinstance(obj, types.ModuleType) and not _cp._should_pickle_by_reference(obj):
+            make, (name, state) = _cp._module_reduce(obj)
+            state = {**state, "__file__": self.relative(state.get("__file__")),
+                     "__cached__": None, "__spec__": None, "__loader__": None}
+            if isinstance(state.get("__path__"), list):
+                state["__path__"] = [self.relative(p) for p in state["__path__"]]
+            return make, (name, state)
+        return super().reducer_override(obj)
+
+    def _function_getnewargs(self, func: Any) -> Any:
+        code, base_globals, *rest = super()._function_getnewargs(func)
+        # One dict per module, shared by its functions: fixing it again is a no-op.
+        if "__file__" in base_globals:
+            base_globals["__file__"] = self.relative(base_globals["__file__"])
+        if isinstance(base_globals.get("__path__"), list):
+            base_globals["__path__"] = [self.relative(p) for p in base_globals["__path__"]]
+        return (code, base_globals, *rest)
+
+
+def _dumps(payload: Any, roots: list[Path]) -> tuple[bytes, dict[str, str]]:
+    """The artifact's bytes, and the project files its code came from (relative -> absolute)."""
+    buf = io.BytesIO()
+    pickler = _RelativePickler(buf, roots, protocol=PROTOCOL)
+    pickler.dump(payload)
+    return buf.getvalue(), pickler.files
+
+
+def _sources(files: dict[str, str]) -> dict[str, str]:
+    out, total = {}, 0
+    for rel, path in sorted(files.items()):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        total += len(text)
+        if total > MAX_SOURCES_BYTES:
+            log.warning("the manifest carries the source of the first %d file(s) only", len(out))
+            break
+        out[rel] = text
+    return out
+
+
 # -- fingerprint: "is this the same content as the latest version?" ----------
 
 _fingerprint_lock = threading.Lock()
 
 
-class _FingerprintPickler(cloudpickle.Pickler):
+class _FingerprintPickler(_RelativePickler):
     """cloudpickle with set order fixed, so equal content gives equal bytes.
 
     cloudpickle's output is not reproducible across processes: sets follow the
@@ -123,13 +213,13 @@ class _FingerprintPickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def _fingerprint(payload: Any, options: dict[str, Any]) -> str:
+def _fingerprint(payload: Any, options: dict[str, Any], roots: list[Path]) -> str:
     buf = io.BytesIO()
     with _fingerprint_lock:
         original = _cp._get_or_create_tracker_id
         _cp._get_or_create_tracker_id = lambda cls: f"{cls.__module__}.{cls.__qualname__}"
         try:
-            _FingerprintPickler(buf, protocol=PROTOCOL).dump(payload)
+            _FingerprintPickler(buf, roots, protocol=PROTOCOL).dump(payload)
         finally:
             _cp._get_or_create_tracker_id = original
     buf.write(mf.dumps(options))
@@ -181,7 +271,7 @@ def detected_requirements(fn: Callable[..., Any], by_value: list[str]) -> dict[s
         if isinstance(mod, str):
             tops.add(mod.partition(".")[0])
     found = {}
-    for top in tops - set(sys.stdlib_module_names) - set(by_value) - {"builtins", "__main__"}:
+    for top in tops - set(sys.stdlib_module_names) - set(by_value) - {"builtins", "__main__", "framework"}:
         for dist in dists.get(top, ()):
             try:
                 found[dist] = importlib.metadata.version(dist)
@@ -237,7 +327,7 @@ def pack(dep: Deployment, *, branch: str, roots: list[Path]) -> Package:
     by_value = project_packages(roots)
     with _by_value(by_value):
         try:
-            artifact = cloudpickle.dumps(payload, protocol=PROTOCOL)
+            artifact, files = _dumps(payload, roots)
         except Exception as exc:  # noqa: BLE001 - reported with the culprit named
             culprits = _unpicklable(dep.fn)
             if dep.options.setup is not None:
@@ -248,7 +338,7 @@ def pack(dep: Deployment, *, branch: str, roots: list[Path]) -> Package:
                 f"pickled: {what}. Create such objects (locks, sockets, clients, open files) "
                 f"inside the function, or in a setup= function, instead of at module level."
             ) from exc
-        content = _fingerprint(payload, options)
+        content = _fingerprint(payload, options, roots)
     m = mf.build(
         name=dep.name,
         branch=branch,
@@ -264,9 +354,8 @@ def pack(dep: Deployment, *, branch: str, roots: list[Path]) -> Package:
         by_value_modules=by_value,
         root=roots[0],
     )
-    key = signing.current_key()
-    if key is not None:
-        m["signed"] = signing.sign(artifact, m, key)
+    m["sources"] = _sources(files)
+    # Not signed here: the store signs at publish, once the version number is claimed.
     return Package(dep.name, artifact, m)
 
 
@@ -323,9 +412,26 @@ def check(artifact: bytes, manifest: dict[str, Any]) -> None:
             log.warning("%s was built with %s %s, running with %s", where, dist, version, have)
 
 
+def seed_linecache(manifest: dict[str, Any]) -> None:
+    """Make tracebacks show the lines of the project files the version was built from.
+
+    An entry without an mtime is one `linecache.checkcache` leaves alone. Two
+    loaded versions with different text for the same file share one entry: the
+    last one loaded.
+    """
+    sources = manifest.get("sources")
+    if not isinstance(sources, dict):
+        return
+    for rel, text in sources.items():
+        if isinstance(rel, str) and isinstance(text, str):
+            lines = text.splitlines(keepends=True)
+            linecache.cache[rel] = (len(text), None, lines, rel)
+
+
 def load(artifact: bytes, manifest: dict[str, Any]) -> Loaded:
     """Verify, then unpickle, then run the deployment's setup once."""
     check(artifact, manifest)
+    seed_linecache(manifest)
     payload = cloudpickle.loads(artifact)
     if payload.get("setup") is not None:
         payload["setup"]()

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
+import os
 import sys
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from framework import config as cfgmod
 from framework import packaging, registry, signing
-from framework.errors import ConfigError, IntegrityError
+from framework.errors import ConfigError, IntegrityError, StoreDamaged
 from framework.packaging import Package, pack, project_files
 from framework.store import Store, check_branch, open_store
 
@@ -97,23 +99,40 @@ def roots_of(cfg: cfgmod.Config) -> list[Path]:
     return roots
 
 
-def unchanged_version(store: Store, branch: str, name: str, content_sha256: str) -> int | None:
-    """The latest version of (branch, name) when its content is `content_sha256`, else None."""
-    latest = store.latest(branch, name)
-    if latest is None:
-        return None
-    m = store.read_manifest(branch, name, latest)
+def holds(store: Store, branch: str, name: str, version: int, content_sha256: str) -> bool:
+    """Whether `version` of (branch, name) holds `content_sha256`, intact and loadable here."""
+    try:
+        m = store.read_manifest(branch, name, version)
+    except StoreDamaged:  # a damaged latest can never load: the fix is a fresh copy
+        return False
     key = signing.current_key()
     # An unsigned (or other-key) latest is republished once a signing key is set,
     # or the server that requires signatures could never load it.
     if m.get("content_sha256") != content_sha256 or not signing.signed_with(m, key):
-        return None
+        return False
     # A latest changed on disk since its deploy can never load: the fix is a fresh copy.
     try:
-        packaging.check_integrity(store.read_artifact(branch, name, latest), m, key)
+        packaging.check_integrity(store.read_artifact(branch, name, version), m, key)
     except IntegrityError:
+        return False
+    return True
+
+
+def unchanged_version(store: Store, branch: str, name: str, content_sha256: str) -> int | None:
+    """The latest version of (branch, name) when its content is `content_sha256`, else None."""
+    latest = store.latest(branch, name)
+    if latest is None or not holds(store, branch, name, latest, content_sha256):
         return None
     return latest
+
+
+def publish_changed(store: Store, branch: str, name: str, artifact: bytes,
+                    manifest: dict[str, Any]) -> tuple[int, bool]:
+    """Publish unless the latest version holds this content: (version, whether new).
+    The store checks and publishes in one step, so racing identical deploys publish once."""
+    content = manifest["content_sha256"]
+    return store.publish_changed(branch, name, artifact, manifest,
+                                 lambda v: holds(store, branch, name, v, content))
 
 
 def publish_all(
@@ -147,7 +166,8 @@ def publish_all(
         elif dry_run:
             version, status = None, "dry-run"
         else:
-            version, status = store.publish(branch, p.name, p.artifact, p.manifest), "new"
+            version, new = publish_changed(store, branch, p.name, p.artifact, p.manifest)
+            status = "new" if new else "unchanged"
         result = Result(p.name, branch, version, status, len(p.artifact), p.manifest["sha256"])
         results.append(result)
         if on_result:
@@ -172,6 +192,12 @@ def deploy(
     $FRAMEWORK_STORE / $FRAMEWORK_BRANCH.
     """
     cfg = cfgmod.load(config)
+    if cfg.path is None and store is None and not os.environ.get("FRAMEWORK_STORE"):
+        # A notebook's working directory is easy to mistake: say where the version goes.
+        warnings.warn(
+            f"no {cfgmod.CONFIG_NAME} in {os.getcwd()} and no $FRAMEWORK_STORE: publishing to "
+            f"the default store {cfg.store}; pass store=... (or set $FRAMEWORK_STORE) to publish "
+            "where your server reads", UserWarning, stacklevel=2)
     if isinstance(fn, registry.Deployment):
         options = {**fn.options.as_kwargs(), **options}
         name = name or fn.name

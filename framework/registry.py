@@ -82,6 +82,9 @@ def _origin(fn: Callable[..., Any]) -> str:
 # Batching options of `vectorized=True` deployments, with their defaults: a call
 # gets at most MAX_BATCH_ROWS rows, and waits at most MAX_WAIT_MS for more rows.
 BATCH_DEFAULTS: dict[str, Any] = {"max_batch_rows": 1024, "max_wait_ms": 0.0}
+# Every option of @deployment and deploy(), for the message naming a mistyped one.
+OPTIONS = {"name", "python_packages", "setup", "vectorized", "inline", "concurrency", "isolation",
+           *BATCH_DEFAULTS}
 
 
 def _batching(vectorized: Any, batching: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +92,7 @@ def _batching(vectorized: Any, batching: dict[str, Any]) -> dict[str, Any]:
         raise RegistryError(f"vectorized must be True or False, got {vectorized!r}")
     unknown = set(batching) - set(BATCH_DEFAULTS)
     if unknown:
-        raise RegistryError(f"unknown option(s) {sorted(unknown)}; allowed: {sorted(BATCH_DEFAULTS)}")
+        raise RegistryError(f"unknown option(s) {sorted(unknown)}; allowed: {sorted(OPTIONS)}")
     if not vectorized:
         if batching:
             raise RegistryError(
@@ -211,8 +214,7 @@ def deployment(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     loop itself with `inline=True`, the author's promise that the function is
     pure, sub-millisecond and never blocks.
     """
-    allowed = {"name", "python_packages", "setup", "vectorized", "inline", "concurrency",
-               "isolation", *BATCH_DEFAULTS}
+    allowed = OPTIONS
     unknown = set(options) - allowed
     if unknown:
         raise RegistryError(

@@ -6,10 +6,11 @@ signature is missing, made with another key, or no longer matches the bytes,
 before a single byte of the pickle is run.
 
 What is signed: the artifact's sha256 (recomputed, never read from the
-manifest) and the manifest itself minus `version` and `signed`. The version
-number is left out because the store assigns it atomically at publish, after
-signing; name and branch are covered, so a signed artifact cannot be passed
-off as another deployment's.
+manifest) and the whole manifest but `signed`, so its name, branch and
+version too. The store signs at publish, once it has claimed the version
+number (`Store.sealed_manifest`), and refuses a manifest read from another
+place than the one it names (`store.check_place`): a signed version copied,
+linked or renamed elsewhere in the store is refused like a tampered one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from framework.errors import ConfigError, IntegrityError
 ENV = "FRAMEWORK_SIGNING_KEY"
 ALGORITHM = "HMAC-SHA256"
 MIN_KEY_CHARS = 16
-UNSIGNED_FIELDS = ("version", "signed")
+UNSIGNED_FIELDS = ("signed",)
+# Signatures of format 1 left the version out; they cannot bind a version to its place.
+FORMAT = 2
 
 
 def current_key() -> bytes | None:
@@ -48,14 +51,15 @@ def key_id(key: bytes) -> str:
 
 def _mac(key: bytes, artifact_sha256: str, manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k not in UNSIGNED_FIELDS}
-    message = b"framework-artifact-v1\0" + artifact_sha256.encode() + b"\0" + mf.dumps(body)
+    message = b"framework-artifact-v2\0" + artifact_sha256.encode() + b"\0" + mf.dumps(body)
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def sign(artifact: bytes, manifest: dict[str, Any], key: bytes) -> dict[str, str]:
     """The `signed` field for a manifest (which must not be changed afterwards)."""
     digest = hashlib.sha256(artifact).hexdigest()
-    return {"algorithm": ALGORITHM, "key_id": key_id(key), "hmac": _mac(key, digest, manifest)}
+    return {"algorithm": ALGORITHM, "format": FORMAT, "key_id": key_id(key),
+            "hmac": _mac(key, digest, manifest)}
 
 
 def signed_with(manifest: dict[str, Any], key: bytes | None) -> bool:
@@ -63,7 +67,8 @@ def signed_with(manifest: dict[str, Any], key: bytes | None) -> bool:
     if key is None:
         return True
     signed = manifest.get("signed")
-    return isinstance(signed, dict) and signed.get("key_id") == key_id(key)
+    return (isinstance(signed, dict) and signed.get("key_id") == key_id(key)
+            and signed.get("format") == FORMAT)
 
 
 def verify(artifact: bytes, manifest: dict[str, Any], key: bytes) -> None:
@@ -79,6 +84,11 @@ def verify(artifact: bytes, manifest: dict[str, Any], key: bytes) -> None:
         raise IntegrityError(
             f"{where} was signed with another key (key id {signed.get('key_id')}, this server's "
             f"is {key_id(key)}): redeploy it with the server's ${ENV}"
+        )
+    if signed.get("format") != FORMAT:
+        raise IntegrityError(
+            f"{where} carries a signature of an older format that does not cover its branch, name "
+            f"and version: redeploy it with ${ENV} set"
         )
     expected = _mac(key, hashlib.sha256(artifact).hexdigest(), manifest)
     if not hmac.compare_digest(expected, signed["hmac"]):

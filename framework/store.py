@@ -35,24 +35,60 @@ from typing import Any, Callable, Iterator
 from urllib.parse import quote, unquote
 
 from framework import manifest as mf
-from framework.errors import NotFound, StoreError
+from framework import signing
+from framework.errors import NotFound, StoreDamaged, StoreError
 from framework.registry import NAME_RE
 
 BRANCH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+# A branch is one directory name once '/' is %-encoded (3 bytes): file systems allow 255.
+MAX_BRANCH_CHARS = 200
+# Staging directories of a deploy that left no owner lock behind (older versions, or one
+# between its mkdir and its lock) are removed only once this old.
 STALE_STAGING_S = 3600
+OWNER = ".owner"
 
 
 def check_branch(branch: object) -> str:
     # A "." or ".." segment would name a directory other than the branch's own.
     if not isinstance(branch, str) or not BRANCH_RE.match(branch) or any(
         part in (".", "..") for part in branch.split("/")
-    ):
+    ) or len(quote(branch, safe="")) > MAX_BRANCH_CHARS:
+        shown = branch if not isinstance(branch, str) or len(branch) <= 80 else branch[:80] + "..."
         raise NotFound(
-            f"invalid branch name {branch!r}: use letters, digits, '.', '_', '-' and '/', with no "
-            "'.' or '..' segment (write '/' as '~' in URLs)"
+            f"invalid branch name {shown!r}: use letters, digits, '.', '_', '-' and '/', with no "
+            f"'.' or '..' segment, at most {MAX_BRANCH_CHARS} characters ('/' counts 3; write "
+            "'/' as '~' in URLs)"
         )
     return branch
+
+
+def os_problem(exc: OSError) -> str:
+    """What an OSError means for the store, and what to do: a full disk is not a permission."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk holding the store is full (or over quota); free some space and retry"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror}; fix the store's permissions, or point FRAMEWORK_STORE elsewhere"
+    if exc.errno == errno.ENOTDIR:
+        return ("a part of its path is a file, not a directory; point FRAMEWORK_STORE or `store:` "
+                "in deploy.yaml at a writable directory")
+    return f"{exc.strerror or exc}; check the store's disk and that it is a writable directory"
+
+
+def check_place(manifest: dict[str, Any], branch: str, name: str, version: int) -> dict[str, Any]:
+    """`manifest` when it describes the place it was read from; StoreDamaged naming both otherwise.
+
+    A version directory copied, linked or renamed elsewhere in the store keeps the
+    identity it was published (and signed) with, which is how it is caught.
+    """
+    found = (manifest.get("branch"), manifest.get("name"), manifest.get("version"))
+    if found != (branch, name, version):
+        raise StoreDamaged(
+            f"the store holds, at {name} v{version} on branch {branch!r}, a version published as "
+            f"{found[1]} v{found[2]} on branch {found[0]!r}: it was copied, linked or renamed "
+            f"there, and is refused; remove it and deploy (or `framework rollback {name}`)"
+        )
+    return manifest
 
 
 def check_alias(alias: object) -> str:
@@ -76,7 +112,8 @@ class Store(abc.ABC):
         """Every version of (branch, name), ascending; [] when there is none."""
 
     @abc.abstractmethod
-    def read_manifest(self, branch: str, name: str, version: int) -> dict[str, Any]: ...
+    def read_manifest(self, branch: str, name: str, version: int) -> dict[str, Any]:
+        """The manifest, checked with `check_place`; StoreDamaged when unreadable or elsewhere."""
 
     @abc.abstractmethod
     def read_artifact(self, branch: str, name: str, version: int) -> bytes: ...
@@ -126,6 +163,29 @@ class Store(abc.ABC):
     def list_docs(self, prefix: str) -> list[str]:
         """The keys under `prefix` (a key prefix such as "jobs/"), sorted."""
 
+    def sealed_manifest(self, artifact: bytes, manifest: dict[str, Any], version: int) -> bytes:
+        """The manifest to store as `version`, signed when $FRAMEWORK_SIGNING_KEY is set.
+
+        Called by `publish` once per number it tries to claim: the signature covers
+        the version (and branch, name), so the version cannot be signed any earlier.
+        """
+        final = {**manifest, "version": version}
+        key = signing.current_key()
+        if key is not None:
+            final.pop("signed", None)
+            final["signed"] = signing.sign(artifact, final, key)
+        return mf.dumps(final)
+
+    def publish_changed(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any],
+                        same: Callable[[int], bool]) -> tuple[int, bool]:
+        """Publish unless the latest version already holds this content (`same(latest)`):
+        returns (version, whether it is new). Backends that can, make check and publish one
+        step, so identical deploys racing publish one version."""
+        latest = self.latest(branch, name)
+        if latest is not None and same(latest):
+            return latest, False
+        return self.publish(branch, name, artifact, manifest), True
+
     def check_writable(self) -> None:
         """Raise StoreError now if `publish` could not write, so a deploy fails before packaging.
 
@@ -155,8 +215,9 @@ class Store(abc.ABC):
         if ref == "latest":
             return versions[-1]
         if ref.isascii() and ref.isdigit():  # str.isdigit() also accepts "²", which int() refuses
-            if int(ref) not in versions:
-                raise NotFound(f"{where} has no version {int(ref)}: see `framework versions {name}`")
+            if len(ref) > 18 or int(ref) not in versions:  # int() refuses over 4,300 digits
+                shown = int(ref) if len(ref) <= 18 else ref[:20] + "..."
+                raise NotFound(f"{where} has no version {shown}: see `framework versions {name}`")
             return int(ref)
         aliases = self.aliases(branch, name)
         if ref not in aliases:
@@ -180,19 +241,21 @@ class LocalStore(Store):
     def _dir(self, branch: str, name: str) -> Path:
         if not NAME_RE.match(name):  # asked for by a URL or a command: no such deployment
             raise NotFound(
-                f"no deployment {name!r}: names use letters, digits, '_' or '-', starting with a "
-                "letter or '_'; see GET /v1/ or `framework list`"
+                f"no deployment {name[:100]!r}: names use letters, digits, '_' or '-', starting with "
+                "a letter or '_', at most 100 characters; see GET /v1/ or `framework list`"
             )
         return self.root / "branches" / quote(check_branch(branch), safe="") / name
 
     def check_writable(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(
+                f"the store {self.root} is a file, not a directory; point FRAMEWORK_STORE or "
+                "`store:` in deploy.yaml at a directory"
+            )
         try:
             (self.root / ".staging").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(
-                f"cannot create the store at {self.root}: {exc.strerror}; set FRAMEWORK_STORE or "
-                "`store:` in deploy.yaml to a writable directory"
-            ) from exc
+            raise StoreError(f"cannot create the store at {self.root}: {os_problem(exc)}") from exc
         if not os.access(self.root / ".staging", os.W_OK):
             raise StoreError(
                 f"the store at {self.root} is not writable; fix its permissions or point "
@@ -200,13 +263,28 @@ class LocalStore(Store):
             )
 
     def _clean_staging(self) -> None:
+        """Remove what deploys that are gone left under `.staging`.
+
+        A deploy holds an flock on its staging directory's `.owner` file while it
+        writes; the kernel drops it when the process dies, however it dies.
+        """
         cutoff = time.time() - STALE_STAGING_S
         for entry in os.scandir(self.root / ".staging"):
             try:
-                stale = entry.stat(follow_symlinks=False).st_mtime < cutoff
-            except FileNotFoundError:  # a concurrent deploy just published or cleaned it
+                with open(os.path.join(entry.path, OWNER), "rb") as owner:
+                    try:
+                        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its deploy is still running
+                    gone = True
+            except (FileNotFoundError, NotADirectoryError):  # no lock (yet, or any more): age tells
+                try:
+                    gone = entry.stat(follow_symlinks=False).st_mtime < cutoff
+                except FileNotFoundError:  # a concurrent deploy just published or cleaned it
+                    continue
+            except OSError:
                 continue
-            if stale:
+            if gone:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
@@ -214,13 +292,17 @@ class LocalStore(Store):
         self.check_writable()
         self._clean_staging()
         stage = self.root / ".staging" / uuid.uuid4().hex
+        owner = None
         try:
             stage.mkdir()
+            owner = open(stage / OWNER, "wb")
+            fcntl.flock(owner, fcntl.LOCK_EX)
             _write(stage / "artifact.pkl", artifact)
             target.mkdir(parents=True, exist_ok=True)
             version = (self.latest(branch, name) or 0) + 1
+            (stage / OWNER).unlink()  # not part of the version; the fresh mtime guards it now
             while True:
-                _write(stage / "manifest.json", mf.dumps({**manifest, "version": version}))
+                _write(stage / "manifest.json", self.sealed_manifest(artifact, manifest, version))
                 try:
                     os.rename(stage, target / str(version))
                     break
@@ -229,29 +311,62 @@ class LocalStore(Store):
                         raise
                     version = max(version + 1, (self.latest(branch, name) or 0) + 1)
         except OSError as exc:
-            raise StoreError(f"cannot publish {name!r} to {self.root}: {exc}") from exc
+            raise StoreError(f"cannot publish {name!r} to {self.root}: {os_problem(exc)}") from exc
         finally:
+            if owner is not None:
+                owner.close()
             shutil.rmtree(stage, ignore_errors=True)
         _fsync_dir(target)
         return version
 
+    def publish_changed(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any],
+                        same: Callable[[int], bool]) -> tuple[int, bool]:
+        # Under the (branch, name) lock, so that of two identical deploys racing, one
+        # publishes and the other finds its version.
+        self.check_writable()
+        try:
+            with self._locked(branch, name):
+                latest = self.latest(branch, name)
+                if latest is not None and same(latest):
+                    return latest, False
+                return self.publish(branch, name, artifact, manifest), True
+        except OSError as exc:
+            raise StoreError(f"cannot publish {name!r} to {self.root}: {os_problem(exc)}") from exc
+
     def versions(self, branch: str, name: str) -> list[int]:
         try:
             entries = os.listdir(self._dir(branch, name))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(int(e) for e in entries if e.isdigit())
+        except OSError as exc:
+            raise StoreError(f"cannot read the versions of {name!r}: {os_problem(exc)}") from exc
+        return sorted(int(e) for e in entries if e.isdigit() and len(e) <= 18)
 
     def _read(self, branch: str, name: str, version: int, file: str) -> bytes:
         try:
             return (self._dir(branch, name) / str(version) / file).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(
                 f"deployment {name!r} on branch {branch!r} has no version {version}"
             ) from None
+        except OSError as exc:  # no path in the message: it may reach a caller
+            raise StoreError(
+                f"cannot read {file} of {name} v{version} on branch {branch!r}: {os_problem(exc)}"
+            ) from exc
 
     def read_manifest(self, branch: str, name: str, version: int) -> dict[str, Any]:
-        return mf.loads(self._read(branch, name, version, "manifest.json"))
+        data = self._read(branch, name, version, "manifest.json")
+        try:
+            manifest = mf.loads(data)
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):
+            raise StoreDamaged(
+                f"manifest.json of {name} v{version} on branch {branch!r} is damaged (not a JSON "
+                f"object); deploy a new version or roll back (`framework rollback {name}`), and "
+                "check the store's disk"
+            )
+        return check_place(manifest, branch, name, version)
 
     def read_artifact(self, branch: str, name: str, version: int) -> bytes:
         return self._read(branch, name, version, "artifact.pkl")
@@ -261,19 +376,38 @@ class LocalStore(Store):
             return sorted(unquote(e) for e in os.listdir(self.root / "branches"))
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise StoreError(f"cannot list the store's branches: {os_problem(exc)}") from exc
 
     def names(self, branch: str) -> list[str]:
         base = self.root / "branches" / quote(check_branch(branch), safe="")
         try:
             return sorted(e.name for e in os.scandir(base) if e.is_dir() and NAME_RE.match(e.name))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as exc:
+            raise StoreError(f"cannot list branch {branch!r}: {os_problem(exc)}") from exc
 
     def aliases(self, branch: str, name: str) -> dict[str, int]:
         try:
-            return mf.loads((self._dir(branch, name) / "aliases.json").read_bytes())
-        except FileNotFoundError:
+            data = (self._dir(branch, name) / "aliases.json").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
             return {}
+        except OSError as exc:
+            raise StoreError(f"cannot read the aliases of {name!r}: {os_problem(exc)}") from exc
+        try:
+            found = mf.loads(data)
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in found.values()
+        ):
+            raise StoreDamaged(
+                f"aliases.json of {name} on branch {branch!r} is damaged (not a JSON object of "
+                "version numbers); calls by number or latest still work; restore it, or remove "
+                f"it and set the aliases again (`framework alias set {name} ALIAS VERSION`)"
+            )
+        return found
 
     @contextmanager
     def _locked(self, branch: str, name: str) -> Iterator[Path]:
@@ -290,31 +424,36 @@ class LocalStore(Store):
                 f"cannot point alias {alias!r} at version {version}: deployment {name!r} on "
                 f"branch {branch!r} has versions {self.versions(branch, name) or 'none'}"
             )
-        with self._locked(branch, name) as directory:
-            current = self.aliases(branch, name)
-            if version is None:
-                if alias not in current:
-                    raise NotFound(f"deployment {name!r} has no alias {alias!r} to remove")
-                del current[alias]
-            else:
-                current[alias] = version
-            tmp = directory / f".aliases.{uuid.uuid4().hex}"
-            try:
-                _write(tmp, mf.dumps(current))
-                os.replace(tmp, directory / "aliases.json")
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot write aliases of {name!r} in {self.root}: {exc.strerror}; "
-                    "fix the store's permissions"
-                ) from exc
+        try:
+            with self._locked(branch, name) as directory:
+                current = self.aliases(branch, name)
+                if version is None:
+                    if alias not in current:
+                        raise NotFound(f"deployment {name!r} has no alias {alias!r} to remove")
+                    del current[alias]
+                else:
+                    current[alias] = version
+                _replace(directory / "aliases.json", mf.dumps(current))
+        except OSError as exc:
+            raise StoreError(f"cannot write aliases of {name!r} in {self.root}: {os_problem(exc)}") from exc
 
     def read_keys(self) -> dict[str, Any] | None:
         try:
-            return mf.loads((self.root / "keys.json").read_bytes())
-        except FileNotFoundError:
+            data = (self.root / "keys.json").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise StoreError(f"cannot read API keys from {self.root}: {exc.strerror}") from exc
+            raise StoreError(f"cannot read the store's API keys: {os_problem(exc)}") from exc
+        try:
+            doc = mf.loads(data)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys", {}), dict):
+            raise StoreDamaged(
+                "keys.json (the store's API keys) is damaged (not a JSON object); restore it from "
+                "a backup, or remove it and create keys again (`framework keys create`)"
+            )
+        return doc
 
     # -- small documents: <root>/docs/<key>; the etag is the content's sha256 -----
 
@@ -343,14 +482,9 @@ class LocalStore(Store):
                         return None
                     if etag is not None and (current is None or current[1] != etag):
                         return None
-                tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
-                try:
-                    _write(tmp, data)
-                    os.replace(tmp, path)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                _replace(path, data)
         except OSError as exc:
-            raise StoreError(f"cannot write document {key!r} in the store: {exc.strerror}") from exc
+            raise StoreError(f"cannot write document {key!r} in the store: {os_problem(exc)}") from exc
         return hashlib.sha256(data).hexdigest()
 
     def delete_doc(self, key: str) -> None:
@@ -375,19 +509,15 @@ class LocalStore(Store):
 
     def update_keys(self, change: Callable[[dict[str, Any]], None]) -> None:
         self.check_writable()
-        with open(self.root / ".keys.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            doc = self.read_keys() or {}
-            change(doc)
-            tmp = self.root / f".keys.{uuid.uuid4().hex}"
-            try:
-                _write(tmp, mf.dumps(doc))
-                os.chmod(tmp, 0o600)  # only hashes, but nobody else needs to read them
-                os.replace(tmp, self.root / "keys.json")
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot write API keys in {self.root}: {exc.strerror}; fix the store's permissions"
-                ) from exc
+        try:
+            with open(self.root / ".keys.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                doc = self.read_keys() or {}
+                change(doc)
+                # Only hashes, but nobody else needs to read them.
+                _replace(self.root / "keys.json", mf.dumps(doc), mode=0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot write API keys in {self.root}: {os_problem(exc)}") from exc
 
 
 DOC_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -408,6 +538,19 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _replace(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write `path` atomically (a temporary file renamed over it); no temporary file is
+    left behind when anything fails."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    try:
+        _write(tmp, data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -423,4 +566,10 @@ def open_store(location: str) -> Store:
             f"store {location!r}: only local directories are supported so far; "
             "give a path (or file://path)"
         )
-    return LocalStore(location.removeprefix("file://"))
+    root = Path(location.removeprefix("file://"))
+    if root.exists() and not root.is_dir():
+        raise StoreError(
+            f"the store {root} is a file, not a directory; point FRAMEWORK_STORE or `store:` in "
+            "deploy.yaml at a directory"
+        )
+    return LocalStore(root)

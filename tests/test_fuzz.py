@@ -151,3 +151,70 @@ def test_random_api_keys_are_refused(keyed: tuple[httpx.Client, str], auth: str,
     good = client.post("/v1/example_doubler/latest", json={"data": [[1, 2]]},
                        headers={"Authorization": key})
     assert good.json() == {"data": [[1, 4]]}
+
+
+# -- a damaged store, long names, huge numbers: 4xx naming what to do, never a 5xx ------
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory,
+            examples_store: Path) -> Iterator[tuple[httpx.Client, Path]]:
+    store = tmp_path_factory.mktemp("damaged") / "store"
+    shutil.copytree(examples_store, store)
+    run_cli("alias", "set", "example_adder", "prod", "1", store=store)
+    main = store / "branches" / "main"
+    manifest = main / "example_doubler" / "1" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])  # truncated mid-write by a full disk
+    aliases = main / "example_adder" / "aliases.json"
+    aliases.write_bytes(aliases.read_bytes()[:5])
+    server = Server(store)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c, store
+    server.stop()
+
+
+def test_damaged_store_files_are_409s_naming_the_version(damaged) -> None:
+    client, store = damaged
+    for path in ("/v1/example_doubler/latest", "/v1/example_doubler/1",
+                 "/v1/example_doubler/main/latest"):
+        resp = client.post(path, json={"data": 1})
+        check(resp)
+        assert resp.status_code == 409, resp.text
+        error = resp.json()["error"]
+        assert "example_doubler v1" in error and "damaged" in error and "rollback" in error, error
+        assert str(store) not in error
+    resp = client.post("/v1/example_adder/prod", json={"data": [1, 2, 3]})
+    assert resp.status_code == 409 and "aliases.json of example_adder" in resp.json()["error"]
+    # the same deployment by number, and every other deployment, keep working
+    assert client.post("/v1/example_adder/1", json={"data": [1, 2, 3]}).json() == {"data": 6}
+    assert client.post("/v1/example_dict_doubler/latest",
+                       json={"data": {"value": 2}}).json() == {"data": 4}
+    listing = client.get("/v1/")
+    assert listing.status_code == 200 and len(listing.json()["deployments"]) == len(NAMES)
+    for path in ("/v1/example_doubler", "/v1/example_adder"):  # each describes its damage
+        resp = client.get(path)
+        check(resp)
+        assert resp.status_code == 409, resp.text
+    doc = client.get("/openapi.json")
+    assert doc.status_code == 200, doc.text
+    paths = doc.json()["paths"]
+    assert "/v1/example_adder/{ref}" in paths and "/v1/example_doubler/{ref}" not in paths
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(branch=st.text(alphabet=string.ascii_letters + "-_.~", min_size=200, max_size=2000),
+       version=st.text(alphabet="0123456789", min_size=19, max_size=6000))
+def test_long_branches_and_huge_versions_are_404s(damaged, branch: str, version: str) -> None:
+    client, _ = damaged
+    requests = [("POST", f"/v1/example_adder/{branch}/latest"), ("POST", f"/v1/example_adder/{version}"),
+                ("POST", f"/v1/example_adder/main/{version}"), ("GET", f"/v1/example_adder/{branch}")]
+    for method, path in requests:
+        resp = client.request(method, quote(path, safe="/~"), json={"data": [1, 2, 3]})
+        check(resp)
+        assert resp.status_code in (400, 404), (path[:100], resp.status_code, resp.text[:200])
+
+
+def test_openapi_publishes_no_source(examples_server: Server) -> None:
+    text = httpx.get(examples_server.url + "/openapi.json").text
+    assert "example_doubler" in text
+    assert "return 2 * foo" not in text and "def example_doubler" not in text
