@@ -24,6 +24,7 @@ import abc
 import errno
 import hashlib
 import fcntl
+import importlib
 import os
 import re
 import shutil
@@ -418,9 +419,11 @@ def _fsync_dir(path: Path) -> None:
 
 def open_store(location: str) -> Store:
     """The store named by a `store:` setting or FRAMEWORK_STORE."""
+    if location.startswith("s3://"):
+        # By name at run time: framework.s3store subclasses Store, and only S3 users need it.
+        return importlib.import_module("framework.s3store").S3Store.from_url(location)
     if "://" in location and not location.startswith("file://"):
         raise StoreError(
-            f"store {location!r}: only local directories are supported so far; "
-            "give a path (or file://path)"
+            f"store {location!r}: use a local directory (or file://path) or s3://bucket/prefix"
         )
     return LocalStore(location.removeprefix("file://"))
