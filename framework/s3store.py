@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-import threading
 import time
-import uuid
 from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
@@ -42,6 +40,7 @@ from framework import manifest as mf
 from framework.artifact_cache import ArtifactCache
 from framework.errors import NotFound, StoreError
 from framework.registry import NAME_RE
+from framework.s3objects import Bucket
 from framework.store import Store, check_alias, check_branch, check_doc_key
 
 CAS_TRIES = 200  # compare-and-swap rounds before giving up: only reached under a storm of writers
@@ -54,15 +53,10 @@ class S3Store(Store):
 
     def __init__(self, bucket: str, prefix: str = "", *, client: Any = None,
                  cache: ArtifactCache | None = None) -> None:
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self._client = client
-        self._client_lock = threading.Lock()
+        self.objects = Bucket(bucket, prefix, client=client)
         self.cache = cache if cache is not None else ArtifactCache()
-        self._remembered: dict[str, tuple[bytes, str]] = {}  # key -> (body, etag) for 304s
         self._manifests: dict[tuple[str, str, int], tuple[bytes, str]] = {}  # immutable
         self._repair_checked: dict[str, float] = {}
-        self._conditional_ok = False
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
@@ -72,137 +66,23 @@ class S3Store(Store):
         return cls(parts.netloc, parts.path)
 
     def __repr__(self) -> str:
-        return f"S3Store('s3://{self.bucket}/{self.prefix}')"
+        return f"S3Store({self.url!r})"
 
     @property
     def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return self.objects.url
 
-    # -- the S3 client and its errors ---------------------------------------------
+    @property
+    def bucket(self) -> str:
+        return self.objects.bucket
 
     @property
     def client(self) -> Any:
-        with self._client_lock:
-            if self._client is None:
-                try:
-                    import boto3
-                    from botocore.config import Config
-                except ImportError:
-                    raise StoreError(
-                        f"store {self.url}: S3 stores need boto3; install it with "
-                        "pip install \"framework[s3]\""
-                    ) from None
-                # Short connect timeouts and few retries: a store outage fails a deploy
-                # within seconds instead of hanging it, and a poll gives up quickly.
-                self._client = boto3.session.Session().client("s3", config=Config(
-                    connect_timeout=5, read_timeout=30,
-                    retries={"max_attempts": 3, "mode": "standard"},
-                ))
-            return self._client
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _failed(self, exc: Exception, what: str) -> StoreError:
-        code = _code(exc)
-        if code == "NoSuchBucket":
-            fix = f"create the bucket first (aws s3 mb s3://{self.bucket})"
-        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or \
-                type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-            fix = "check the AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance role)"
-        else:
-            fix = "check that the S3 endpoint is up (AWS_ENDPOINT_URL for S3-compatible servers) and retry"
-        return StoreError(f"cannot {what} in {self.url}: {exc}; {fix}")
-
-    def _get(self, key: str, *, remember: bool = False) -> tuple[bytes, str] | None:
-        """(body, etag) of `key`, or None when it does not exist. With `remember`, the
-        last answer is kept and the next read is a conditional GET (304: no body sent)."""
-        full = self._key(key)
-        known = self._remembered.get(full) if remember else None
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
-        if known is not None:
-            kwargs["IfNoneMatch"] = known[1]
-        try:
-            got = self.client.get_object(**kwargs)
-            found = (got["Body"].read(), got["ETag"])
-        except Exception as exc:  # noqa: BLE001 - botocore's errors, classified below
-            code = _code(exc)
-            if code in ("304", "NotModified") and known is not None:
-                return known
-            if code in ("NoSuchKey", "404"):
-                self._remembered.pop(full, None)
-                return None
-            raise self._failed(exc, f"read {key}") from exc
-        if remember:
-            self._remembered[full] = found
-        return found
-
-    def _put(self, key: str, data: bytes, *, etag: str | None = None,
-             create: bool = False) -> str | None:
-        """Write `key`; its new etag, or None when the condition failed."""
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
-        if create:
-            kwargs["IfNoneMatch"] = "*"
-        if etag is not None:
-            kwargs["IfMatch"] = etag
-        try:
-            return self.client.put_object(**kwargs)["ETag"]
-        except Exception as exc:  # noqa: BLE001
-            code = _code(exc)
-            # 412: the condition failed; 409: another conditional write to the key
-            # was in flight; 404: `If-Match` on a key that is gone.
-            if (create or etag is not None) and code in (
-                "PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404",
-            ):
-                return None
-            raise self._failed(exc, f"write {key}") from exc
-
-    def _list(self, prefix: str, *, delimiter: bool = False) -> list[str]:
-        """Keys (or, with `delimiter`, sub-'folders') under `prefix`, relative to it."""
-        full = self._key(prefix)
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
-        if delimiter:
-            kwargs["Delimiter"] = "/"
-        found: list[str] = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
-                if delimiter:
-                    found += [p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-                else:
-                    found += [o["Key"][len(full):] for o in page.get("Contents", [])]
-        except Exception as exc:  # noqa: BLE001
-            raise self._failed(exc, f"list {prefix or 'the store'}") from exc
-        return found
-
-    def _check_conditional(self) -> None:
-        """Refuse a server that ignores conditional writes: two racing deploys there
-        would both think they created version N, and one version would be lost."""
-        if self._conditional_ok:
-            return
-        probe = f".probe/{uuid.uuid4().hex}"
-        first = self._put(probe, b"1", create=True)
-        again = self._put(probe, b"2", create=True)
-        stale = self._put(probe, b"3", etag='"00000000000000000000000000000000"')
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(probe))
-        except Exception:  # noqa: BLE001 - a leftover probe object is harmless
-            pass
-        if first is None or again is not None or stale is not None:
-            raise StoreError(
-                f"the S3 server behind {self.url} ignores conditional writes (If-None-Match: * "
-                "and If-Match): concurrent deploys there would lose versions, so publishing is "
-                "refused; use a server that honours them (AWS S3, a recent MinIO, moto 5)"
-            )
-        self._conditional_ok = True
+        """The boto3 S3 client (created on first use)."""
+        return self.objects.client
 
     def check_writable(self) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except StoreError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise self._failed(exc, "reach the bucket") from exc
-        self._check_conditional()
+        self.objects.check_writable()
 
     # -- versions --------------------------------------------------------------
 
@@ -215,7 +95,7 @@ class S3Store(Store):
         return f"branches/{quote(check_branch(branch), safe='')}/{name}"
 
     def _refs(self, dep: str) -> tuple[dict[str, Any], str | None]:
-        found = self._get(f"{dep}/refs.json", remember=True)
+        found = self.objects.get(f"{dep}/refs.json", remember=True)
         if found is None:
             return {"latest": 0, "aliases": {}}, None
         return mf.loads(found[0]), found[1]
@@ -227,9 +107,9 @@ class S3Store(Store):
             doc, etag = self._refs(dep)
             if not change(doc):
                 return
-            written = self._put(f"{dep}/refs.json", mf.dumps(doc), etag=etag, create=etag is None)
+            written = self.objects.put(f"{dep}/refs.json", mf.dumps(doc), etag=etag, create=etag is None)
             if written is not None:
-                self._remembered[self._key(f"{dep}/refs.json")] = (mf.dumps(doc), written)
+                self.objects.remember(f"{dep}/refs.json", mf.dumps(doc), written)
                 return
             time.sleep(random.uniform(0, min(0.2, 0.005 * 2 ** min(attempt, 6))))
         raise StoreError(f"too many concurrent changes to {dep} in {self.url}; retry")
@@ -244,15 +124,15 @@ class S3Store(Store):
 
     def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
         dep = self._dep(branch, name)
-        self._check_conditional()
+        self.objects.check_conditional()
         sha = hashlib.sha256(artifact).hexdigest()
         # Stored once: promote and rollback republish the same bytes and copy nothing.
-        if not self._get_head(f"artifacts/{sha}"):
-            self._put(f"artifacts/{sha}", artifact, create=True)  # None: a racer stored the same bytes
+        if not self.objects.exists(f"artifacts/{sha}"):
+            self.objects.put(f"artifacts/{sha}", artifact, create=True)  # None: a racer stored the same bytes
         version = self._refs(dep)[0].get("latest", 0) + 1
         for _ in range(CLAIM_TRIES):
             body = mf.dumps({**manifest, "version": version, "artifact_key": sha})
-            if self._put(_manifest_key(dep, version), body, create=True) is not None:
+            if self.objects.put(_manifest_key(dep, version), body, create=True) is not None:
                 break
             # Taken: by a racer, or by a publisher that died before moving `latest`.
             version = max(version + 1, self._refs(dep)[0].get("latest", 0) + 1)
@@ -261,21 +141,15 @@ class S3Store(Store):
         self._advance(dep, version)
         return version
 
-    def _get_head(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except Exception as exc:  # noqa: BLE001
-            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._failed(exc, f"read {key}") from exc
-
     def versions(self, branch: str, name: str) -> list[int]:
         dep = self._dep(branch, name)
-        found = sorted(int(k[:-5]) for k in self._list(f"{dep}/versions/")
+        found = sorted(int(k[:-5]) for k in self.objects.keys(f"{dep}/versions/")
                        if k.endswith(".json") and k[:-5].isdigit())
         if found and found[-1] > self._refs(dep)[0].get("latest", 0):
-            self._advance(dep, found[-1])  # a publisher died before moving `latest`
+            try:
+                self._advance(dep, found[-1])  # a publisher died before moving `latest`
+            except StoreError:
+                pass  # read-only credentials: a writer will repair it; the listing stands
         return found
 
     def latest(self, branch: str, name: str) -> int | None:
@@ -285,7 +159,7 @@ class S3Store(Store):
         if now >= self._repair_checked.get(dep, 0.0):
             # At most every few seconds: is there a complete version past `latest`?
             self._repair_checked[dep] = now + REPAIR_CHECK_S
-            if latest == 0 or self._get_head(_manifest_key(dep, latest + 1)):
+            if latest == 0 or self.objects.exists(_manifest_key(dep, latest + 1)):
                 found = self.versions(branch, name)
                 latest = found[-1] if found else 0
         return latest or None
@@ -299,15 +173,23 @@ class S3Store(Store):
         if ref == "latest":
             return latest
         if ref.isascii() and ref.isdigit():
-            self.read_manifest(branch, name, int(ref))  # NotFound when there is no such version
+            try:
+                self._manifest(branch, name, int(ref))
+            except NotFound:
+                raise NotFound(f"{where} has no version {int(ref)}: see `framework versions {name}`") from None
             return int(ref)
-        return super().resolve(branch, name, ref)
+        aliases = self.aliases(branch, name)
+        if ref not in aliases:
+            known = ", ".join(sorted(aliases)) or "none"
+            raise NotFound(f"{where} has no alias {ref!r} (aliases: {known}); use latest, a version "
+                           "number or an alias")
+        return aliases[ref]
 
     def _manifest(self, branch: str, name: str, version: int) -> tuple[bytes, str]:
         key = (branch, name, version)
         hit = self._manifests.get(key)
         if hit is None:
-            found = self._get(_manifest_key(self._dep(branch, name), version))
+            found = self.objects.get(_manifest_key(self._dep(branch, name), version))
             if found is None:
                 raise NotFound(f"deployment {name!r} on branch {branch!r} has no version {version}: "
                                f"see `framework versions {name}`")
@@ -326,7 +208,7 @@ class S3Store(Store):
         cached = self.cache.get(sha)
         if cached is not None:
             return cached
-        found = self._get(f"artifacts/{sha}")
+        found = self.objects.get(f"artifacts/{sha}")
         if found is None:
             raise NotFound(f"the artifact of {name!r} v{version} ({branch}) is missing from "
                            f"{self.url}; redeploy it")
@@ -334,10 +216,10 @@ class S3Store(Store):
         return found[0]
 
     def branches(self) -> list[str]:
-        return sorted(unquote(b) for b in self._list("branches/", delimiter=True))
+        return sorted(unquote(b) for b in self.objects.keys("branches/", delimiter=True))
 
     def names(self, branch: str) -> list[str]:
-        found = self._list(f"branches/{quote(check_branch(branch), safe='')}/", delimiter=True)
+        found = self.objects.keys(f"branches/{quote(check_branch(branch), safe='')}/", delimiter=True)
         return sorted(n for n in found if NAME_RE.match(n))
 
     def aliases(self, branch: str, name: str) -> dict[str, int]:
@@ -369,18 +251,18 @@ class S3Store(Store):
     # -- API keys ----------------------------------------------------------------
 
     def read_keys(self) -> dict[str, Any] | None:
-        found = self._get("keys.json", remember=True)
+        found = self.objects.get("keys.json", remember=True)
         return None if found is None else mf.loads(found[0])
 
     def update_keys(self, change: Callable[[dict[str, Any]], None]) -> None:
         for attempt in range(CAS_TRIES):
-            found = self._get("keys.json", remember=True)
+            found = self.objects.get("keys.json", remember=True)
             doc = {} if found is None else mf.loads(found[0])  # a fresh copy for each try
             change(doc)
             data = mf.dumps(doc)
-            written = self._put("keys.json", data, etag=found and found[1], create=found is None)
+            written = self.objects.put("keys.json", data, etag=found and found[1], create=found is None)
             if written is not None:
-                self._remembered[self._key("keys.json")] = (data, written)
+                self.objects.remember("keys.json", data, written)
                 return
             time.sleep(random.uniform(0, min(0.2, 0.005 * 2 ** min(attempt, 6))))
         raise StoreError(f"too many concurrent changes to the API keys in {self.url}; retry")
@@ -388,30 +270,19 @@ class S3Store(Store):
     # -- small documents -----------------------------------------------------------
 
     def read_doc(self, key: str) -> tuple[bytes, str] | None:
-        return self._get(f"docs/{check_doc_key(key)}")
+        return self.objects.get(f"docs/{check_doc_key(key)}")
 
     def write_doc(self, key: str, data: bytes, *, etag: str | None = None,
                   create: bool = False) -> str | None:
-        return self._put(f"docs/{check_doc_key(key)}", data, etag=etag, create=create)
+        return self.objects.put(f"docs/{check_doc_key(key)}", data, etag=etag, create=create)
 
     def delete_doc(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(f"docs/{check_doc_key(key)}"))
-        except Exception as exc:  # noqa: BLE001
-            if _code(exc) not in ("NoSuchKey", "404"):
-                raise self._failed(exc, f"delete document {key!r}") from exc
+        self.objects.delete(f"docs/{check_doc_key(key)}")
 
     def list_docs(self, prefix: str) -> list[str]:
-        return sorted(prefix + k for k in self._list(f"docs/{prefix}"))
+        return sorted(prefix + k for k in self.objects.keys(f"docs/{prefix}"))
 
 
 def _manifest_key(dep: str, version: int) -> str:
     return f"{dep}/versions/{version:010d}.json"
 
-
-def _code(exc: Exception) -> str:
-    """botocore's error code ("NoSuchKey", "PreconditionFailed", "304"...), or ''."""
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return ""
-    return str(response.get("Error", {}).get("Code", ""))

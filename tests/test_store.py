@@ -260,12 +260,18 @@ def record_statuses(store: Store, operation: str) -> list[int]:
 
 def test_polling_refs_and_keys_is_a_conditional_get(s3: Store) -> None:
     s3.publish("main", "m", *art("1"))
+    s3.set_alias("main", "m", "prod", 1)
     s3.update_keys(lambda doc: doc.update(keys={}))
-    gets = record_statuses(s3, "GetObject")
+    assert s3.resolve("main", "m", "latest") == 1  # the first read of latest also checks past it
+    gets, lists = record_statuses(s3, "GetObject"), record_statuses(s3, "ListObjectsV2")
     for _ in range(3):
         assert s3.resolve("main", "m", "latest") == 1
+        assert s3.resolve("main", "m", "prod") == 1
         assert s3.read_keys() == {"keys": {}}
     assert gets and set(gets) == {304}  # unchanged: no body sent
+    assert lists == []  # resolving never lists the versions
+    s3.versions("main", "m")
+    assert lists == [200]  # (and listing is what would show up)
     open_store_like(s3).publish("main", "m", *art("2"))  # another machine deploys
     assert s3.resolve("main", "m", "latest") == 2
     assert gets[-1] == 200
@@ -370,3 +376,13 @@ def test_a_store_outage_mid_deploy_fails_cleanly(tmp_path: Path) -> None:
                          env={**env, "FRAMEWORK_STORE": location}, capture_output=True, text=True)
     assert cli.returncode != 0
     assert "Traceback" not in cli.stderr and "S3 endpoint" in cli.stderr
+
+
+def test_without_boto3_an_s3_store_says_what_to_install(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['boto3'] = None\n"  # as if boto3 were not installed
+            "from framework.cli import main; sys.exit(main(['list']))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEWORK_")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "FRAMEWORK_STORE": "s3://some-bucket/prefix"}, timeout=60)
+    assert proc.returncode != 0
+    assert 'pip install "framework[s3]"' in proc.stderr and "Traceback" not in proc.stderr
