@@ -37,8 +37,9 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
 from framework import manifest as mf
-from framework.artifact_cache import ArtifactCache
-from framework.errors import NotFound, StoreError
+from framework import store as store_module
+from framework.artifact_cache import SHA_RE, ArtifactCache
+from framework.errors import IntegrityError, NotFound, StoreError
 from framework.registry import NAME_RE
 from framework.s3objects import Bucket
 from framework.store import Store, check_alias, check_branch, check_doc_key
@@ -126,12 +127,15 @@ class S3Store(Store):
         dep = self._dep(branch, name)
         self.objects.check_conditional()
         sha = hashlib.sha256(artifact).hexdigest()
+        if manifest.get("sha256") != sha:  # the artifact is found by the manifest's sha256
+            raise StoreError(f"the manifest of {name!r} does not match its artifact (sha256); "
+                             "package it again (`framework deploy`)")
         # Stored once: promote and rollback republish the same bytes and copy nothing.
         if not self.objects.exists(f"artifacts/{sha}"):
             self.objects.put(f"artifacts/{sha}", artifact, create=True)  # None: a racer stored the same bytes
         version = self._refs(dep)[0].get("latest", 0) + 1
         for _ in range(CLAIM_TRIES):
-            body = mf.dumps({**manifest, "version": version, "artifact_key": sha})
+            body = self._sealed(artifact, manifest, version)
             if self.objects.put(_manifest_key(dep, version), body, create=True) is not None:
                 break
             # Taken: by a racer, or by a publisher that died before moving `latest`.
@@ -140,6 +144,12 @@ class S3Store(Store):
             raise StoreError(f"could not claim a version of {name!r} in {self.url}; retry the deploy")
         self._advance(dep, version)
         return version
+
+    def _sealed(self, artifact: bytes, manifest: dict[str, Any], version: int) -> bytes:
+        # Where the Store base class signs at claim time (`sealed_manifest`: the signature
+        # covers the version number), every backend must go through it.
+        seal = getattr(super(), "sealed_manifest", None)
+        return seal(artifact, manifest, version) if seal else mf.dumps({**manifest, "version": version})
 
     def versions(self, branch: str, name: str) -> list[int]:
         dep = self._dep(branch, name)
@@ -193,15 +203,19 @@ class S3Store(Store):
             if found is None:
                 raise NotFound(f"deployment {name!r} on branch {branch!r} has no version {version}: "
                                f"see `framework versions {name}`")
-            doc = mf.loads(found[0])
-            hit = (found[0], str(doc.get("artifact_key") or doc.get("sha256")))
+            sha = mf.loads(found[0]).get("sha256")
+            if not isinstance(sha, str) or not SHA_RE.match(sha):
+                raise IntegrityError(f"the manifest of {name} v{version} ({branch}) names no valid "
+                                     "sha256: the store was changed after deploy; redeploy it")
+            hit = (found[0], sha)
             self._manifests[key] = hit  # a version never changes once written
         return hit
 
     def read_manifest(self, branch: str, name: str, version: int) -> dict[str, Any]:
         doc = mf.loads(self._manifest(branch, name, version)[0])
-        doc.pop("artifact_key", None)
-        return doc
+        # Where the store module checks that a manifest was read from its own place, so does this.
+        check = getattr(store_module, "check_place", None)
+        return check(doc, branch, name, version) if check else doc
 
     def read_artifact(self, branch: str, name: str, version: int) -> bytes:
         sha = self._manifest(branch, name, version)[1]
