@@ -121,7 +121,8 @@ frontend stats
 backend replicas
   balance roundrobin
   option httpchk GET /readyz
-  default-server inter 200ms fall 2 rise 2
+  timeout check 3s
+  default-server inter 250ms fall 2 rise 2
 {servers}
 """)
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -149,7 +150,10 @@ def versioned(n: int) -> Callable[[int], int]:
 def answer(port: int, ref: str, key: str) -> tuple[int, Any]:
     r = httpx.post(f"http://127.0.0.1:{port}/v1/which_version/{ref}", json={"data": 1},
                    headers={"Authorization": key}, timeout=10)
-    return r.status_code, r.json()
+    try:
+        return r.status_code, r.json()
+    except ValueError:  # not JSON: a balancer's error page
+        return r.status_code, r.text
 
 
 def time_to_all(ports: list[int], check: Callable[[int], bool], start: float,
@@ -264,15 +268,26 @@ def main(argv: list[str] | None = None) -> int:
             failed_after += _status(proxy.port, key) != 200
         print(f"killed replica: HAProxy marked it down after {noticed:.2f} s; failed requests "
               f"before that {failed_before}, after it {failed_after} of {sent_after}")
+        for failure in FAILURES[:5]:
+            print(f"  failed: {failure}")
         print(f"(machine: {os.cpu_count()} cores shared by moto, HAProxy, the replicas and the load)")
     return 0
 
 
+FAILURES: list[str] = []
+
+
 def _status(port: int, key: str) -> int:
+    """The status of one call through the balancer (0: no answer); failures are kept to show."""
     try:
-        return answer(port, "1", key)[0]
-    except httpx.TransportError:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/which_version/1", json={"data": 1},
+                       headers={"Authorization": key}, timeout=10)
+    except httpx.TransportError as exc:
+        FAILURES.append(repr(exc))
         return 0
+    if r.status_code != 200:
+        FAILURES.append(f"{r.status_code} {r.text[:200]!r}")
+    return r.status_code
 
 
 if __name__ == "__main__":
