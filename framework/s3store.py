@@ -23,7 +23,7 @@ polling them every half second mostly gets a bodiless 304. Manifests never
 change once written and are kept in memory; artifacts go through a verified
 local disk cache (`framework.artifact_cache`).
 
-boto3 is imported only when an S3 store is opened (`pip install "framework[s3]"`).
+boto3 is imported only when an S3 store first talks to its bucket (`pip install "framework[s3]"`).
 Credentials, region and endpoint come from the standard AWS chain (AWS_PROFILE,
 AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL for S3-compatible servers, instance roles).
 """
@@ -165,14 +165,18 @@ class S3Store(Store):
     def latest(self, branch: str, name: str) -> int | None:
         dep = self._dep(branch, name)
         latest = self._refs(dep)[0].get("latest", 0)
+        if latest == 0:
+            # No refs.json: nothing was published (or only a v1 whose publisher died, which
+            # the next publish or `framework versions` repairs). Names asked for by URLs
+            # that do not exist must cost no listing and no memory here.
+            return None
         now = time.monotonic()
         if now >= self._repair_checked.get(dep, 0.0):
             # At most every few seconds: is there a complete version past `latest`?
             self._repair_checked[dep] = now + REPAIR_CHECK_S
-            if latest == 0 or self.objects.exists(_manifest_key(dep, latest + 1)):
-                found = self.versions(branch, name)
-                latest = found[-1] if found else 0
-        return latest or None
+            if self.objects.exists(_manifest_key(dep, latest + 1)):
+                latest = max(self.versions(branch, name)[-1], latest)
+        return latest
 
     def resolve(self, branch: str, name: str, ref: str) -> int:
         # One conditional GET of refs.json instead of listing every version.
