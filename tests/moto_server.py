@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -74,4 +73,4 @@ def use_endpoint(monkeypatch, server: MotoServer) -> None:  # noqa: ANN001
     """Point this process's AWS chain at `server` (for stores opened in the test itself)."""
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
-    os.environ.pop("AWS_PROFILE", None)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
