@@ -20,7 +20,6 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-
 import load
 import replicas
 
