@@ -24,6 +24,7 @@ import abc
 import errno
 import hashlib
 import fcntl
+import importlib
 import os
 import re
 import shutil
@@ -163,13 +164,15 @@ class Store(abc.ABC):
     def list_docs(self, prefix: str) -> list[str]:
         """The keys under `prefix` (a key prefix such as "jobs/"), sorted."""
 
-    def sealed_manifest(self, artifact: bytes, manifest: dict[str, Any], version: int) -> bytes:
-        """The manifest to store as `version`, signed when $FRAMEWORK_SIGNING_KEY is set.
+    def sealed_manifest(self, artifact: bytes, manifest: dict[str, Any], branch: str, name: str,
+                        version: int) -> bytes:
+        """The manifest to store as `version` of (branch, name), which it records, signed
+        when $FRAMEWORK_SIGNING_KEY is set.
 
         Called by `publish` once per number it tries to claim: the signature covers
         the version (and branch, name), so the version cannot be signed any earlier.
         """
-        final = {**manifest, "version": version}
+        final = {**manifest, "branch": branch, "name": name, "version": version}
         key = signing.current_key()
         if key is not None:
             final.pop("signed", None)
@@ -302,7 +305,8 @@ class LocalStore(Store):
             version = (self.latest(branch, name) or 0) + 1
             (stage / OWNER).unlink()  # not part of the version; the fresh mtime guards it now
             while True:
-                _write(stage / "manifest.json", self.sealed_manifest(artifact, manifest, version))
+                _write(stage / "manifest.json", self.sealed_manifest(artifact, manifest, branch, name,
+                                                                        version))
                 try:
                     os.rename(stage, target / str(version))
                     break
@@ -561,10 +565,12 @@ def _fsync_dir(path: Path) -> None:
 
 def open_store(location: str) -> Store:
     """The store named by a `store:` setting or FRAMEWORK_STORE."""
+    if location.startswith("s3://"):
+        # By name at run time: framework.s3store subclasses Store, and only S3 users need it.
+        return importlib.import_module("framework.s3store").S3Store.from_url(location)
     if "://" in location and not location.startswith("file://"):
         raise StoreError(
-            f"store {location!r}: only local directories are supported so far; "
-            "give a path (or file://path)"
+            f"store {location!r}: use a local directory (or file://path) or s3://bucket/prefix"
         )
     root = Path(location.removeprefix("file://"))
     if root.exists() and not root.is_dir():
