@@ -202,18 +202,52 @@ class Runtime:
         self.links = Links(self.store, ttl=float(s["link_ttl_seconds"]), base_url=s["link_base_url"])
         self.jobs = Jobs(self.store, s, self.versions, self.links, answer_of)
 
-    async def prebuild(self) -> None:
-        """Build the environments of `latest` and aliased versions, then say ready."""
+    async def start_up(self, prebuild: bool, preload: bool) -> None:
+        """What runs before /readyz says ready: environments built (server.prebuild),
+        then `latest` and aliased versions loaded (server.preload)."""
         try:
-            def build() -> None:
-                for m, outcome in build_all(self.environments, wanted(self.store)):
-                    if outcome not in ("here", "built", "reused"):
-                        log.error("%s v%s: %s", m["name"], m["version"], outcome)
-            await asyncio.to_thread(build)
+            if prebuild:
+                await asyncio.to_thread(self._prebuild)
+            if preload:
+                await self.preload()
         except FrameworkError as exc:
-            log.error("prebuilding environments failed: %s", exc)
+            log.error("getting ready failed, serving anyway: %s", exc)
         finally:
             self.not_ready = None
+
+    def _prebuild(self) -> None:
+        for m, outcome in build_all(self.environments, wanted(self.store)):
+            if outcome not in ("here", "built", "reused"):
+                log.error("%s v%s: %s", m["name"], m["version"], outcome)
+
+    def _named_refs(self) -> list[tuple[str, str, str]]:
+        found = []
+        for branch, name, _ in self.store.deployments():
+            found.append((branch, name, "latest"))
+            found += [(branch, name, alias) for alias in self.store.aliases(branch, name)]
+        return found
+
+    async def preload(self) -> None:
+        """Load the versions `latest` and aliases name (at most cache_size of them, and not
+        those whose environment is not built), so no first caller pays a load."""
+        keys: list[tuple[str, str, int]] = []
+        for branch, name, ref in await asyncio.to_thread(self._named_refs):
+            try:
+                key = (branch, name, await self.versions.resolve(branch, name, ref))
+            except FrameworkError:
+                continue  # moved or damaged meanwhile: its callers get the answer
+            if key not in keys:
+                keys.append(key)
+
+        async def load(key: tuple[str, str, int]) -> None:
+            try:
+                manifest = await asyncio.to_thread(self.store.read_manifest, *key)
+                if not await asyncio.to_thread(self.environments.needs_build, manifest):
+                    await self.versions.runner(*key, self.timeout)
+            except FrameworkError as exc:
+                log.warning("%s v%d (%s) was not loaded ahead: %s", key[1], key[2], key[0], exc)
+
+        await asyncio.gather(*map(load, keys[: self.versions.size]))
 
     async def infer(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/<name>/<ref>: an ASGI app, not a Starlette endpoint. The request
@@ -349,9 +383,11 @@ def create_app(cfg: cfgmod.Config | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         building = None
-        if s["prebuild"]:
-            rt.not_ready = "building the environments of latest and aliased versions (server.prebuild)"
-            building = asyncio.ensure_future(rt.prebuild())
+        if s["prebuild"] or s["preload"]:
+            rt.not_ready = ("building the environments of latest and aliased versions "
+                            "(server.prebuild)" if s["prebuild"] else
+                            "loading latest and aliased versions (server.preload)")
+            building = asyncio.ensure_future(rt.start_up(s["prebuild"], s["preload"]))
         refresher.start()  # refs and keys stay fresh whatever the traffic
         rt.jobs.start()
         yield

@@ -46,6 +46,7 @@ from framework.runner import Runner
 from framework.store import Store, check_branch
 
 Key = tuple[str, str, int]
+
 FAILED_TTL = 5.0
 LOAD_THREADS = 4
 # After an eviction, memory is given back once the evicted version's last calls are done.
@@ -91,6 +92,7 @@ class VersionCache:
         self._loading: dict[Key, asyncio.Future[Runner]] = {}
         self._failed: dict[Key, tuple[LoadFailed, float]] = {}
         self._load_pool = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="load")
+        self._warming: set[asyncio.Future[None]] = set()  # kept referenced until done
 
     def cached(self, branch: str, name: str, ref: str) -> Runner | None:
         """The loaded version `ref` names, where both are in memory and fresh: the
@@ -138,8 +140,14 @@ class VersionCache:
         """What the refresher read for `key`: its version now, or None when it is gone."""
         if version is None:
             self._refs.pop(key, None)
-        else:
-            self._remember(key, version)
+            return
+        before = self._refs.get(key)
+        self._remember(key, version)
+        if before is not None and before[0] != version and (key[0], key[1], before[0]) in self._loaded:
+            # It named a version in use: the one it names now will be.
+            task = asyncio.ensure_future(self.warm((key[0], key[1], version)))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
 
     async def _refresh(self, key: tuple[str, str, str]) -> None:
         try:
@@ -158,12 +166,7 @@ class VersionCache:
         failed = self._failed.get(key)
         if failed is not None and failed[1] > time.monotonic():
             raise failed[0]
-        pending = self._loading.get(key)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = asyncio.ensure_future(loop.run_in_executor(self._load_pool, self._load, key))
-            self._loading[key] = pending
-            pending.add_done_callback(lambda f: self._loaded_done(key, f))
+        pending = self._loading.get(key) or self._start_load(key)
         try:  # the load goes on for later callers when this one gives up
             return await asyncio.wait_for(asyncio.shield(pending), timeout)
         except asyncio.TimeoutError:
@@ -176,6 +179,28 @@ class VersionCache:
                 f"{name} v{version} did not load within {timeout:g} s; retry in a moment, or "
                 'send a larger "timeout_seconds"'
             ) from None
+
+    def _start_load(self, key: Key) -> asyncio.Future[Runner]:
+        pending = asyncio.ensure_future(
+            asyncio.get_running_loop().run_in_executor(self._load_pool, self._load, key))
+        self._loading[key] = pending
+        pending.add_done_callback(lambda f: self._loaded_done(key, f))
+        return pending
+
+    async def warm(self, key: Key) -> None:
+        """Load `key` in the background unless it is loaded, loading or failing: a version
+        `latest` or an alias just moved to, so no caller pays its load. One whose
+        environment is not built is left to its first call (or server.prebuild)."""
+        try:
+            manifest = await asyncio.to_thread(self.store.read_manifest, *key)
+            if await asyncio.to_thread(self.environments.needs_build, manifest):
+                return
+        except FrameworkError:
+            return  # its first caller gets the error
+        failed = self._failed.get(key)
+        if key in self._loaded or key in self._loading or (failed and failed[1] > time.monotonic()):
+            return
+        self._start_load(key)
 
     def _loaded_done(self, key: Key, fut: asyncio.Future[Runner]) -> None:
         self._loading.pop(key, None)

@@ -39,6 +39,9 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # other Python versions to build them from.
     "env_dir": "",
     "prebuild": False,
+    # Load the versions `latest` and aliases name before /readyz says ready, and again
+    # when they move (docs/many-machines.md): no caller pays a cold load after a deploy.
+    "preload": True,
     "pythons": [],
     "debug": False,
     # Operations and security (README "Operations and security").

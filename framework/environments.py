@@ -19,6 +19,7 @@ nor build it twice. A failed build keeps its log and is remembered for
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -27,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -93,13 +95,23 @@ def env_key(reqs: list[str], python: str) -> str:
     return hashlib.sha256(json.dumps([python, reqs]).encode()).hexdigest()[:16]
 
 
-def _uv() -> str | None:
+_uv_lock = threading.Lock()
+
+
+@functools.cache
+def _uv_bin() -> str | None:
     try:
         from uv import find_uv_bin
 
         return find_uv_bin()
     except (ImportError, FileNotFoundError):
         return shutil.which("uv")
+
+
+def _uv() -> str | None:
+    # Once, under a lock: uv's finder reads sysconfig, whose first read is not thread-safe.
+    with _uv_lock:
+        return _uv_bin()
 
 
 class Environments:
@@ -113,6 +125,10 @@ class Environments:
     def needs(self, manifest: dict[str, Any]) -> bool:
         """Whether the version must run from an environment of its own."""
         return python_of(manifest) != HERE or not satisfied_here(requirements(manifest))
+
+    def needs_build(self, manifest: dict[str, Any]) -> bool:
+        """Whether loading the version would first build its environment."""
+        return self.needs(manifest) and self.built(manifest) is None
 
     def key(self, manifest: dict[str, Any]) -> str:
         return env_key(requirements(manifest), python_of(manifest))

@@ -46,7 +46,7 @@ def _rss_mb(pid: int) -> float:
 
 def test_rss_stays_bounded_while_versions_are_loaded_and_evicted_round_robin(tmp_path: Path) -> None:
     (tmp_path / "mod.py").write_text(textwrap.dedent(MODULE))
-    (tmp_path / "deploy.yaml").write_text(f"modules: [mod]\nserver: {{cache_size: {CACHED}}}\n")
+    (tmp_path / "deploy.yaml").write_text(f"modules: [mod]\nserver: {{cache_size: {CACHED}, preload: false}}\n")
     run_cli("deploy", store=tmp_path / "store", cwd=tmp_path, timeout=600)
     server = Server(tmp_path / "store", cwd=tmp_path)
     try:

@@ -299,7 +299,7 @@ def test_versions_load_lazily_into_a_bounded_cache(tmp_path):
     store = tmp_path / "store"
     project = tmp_path / "proj"
     project.mkdir()
-    (project / "deploy.yaml").write_text("modules: [m]\nserver: {cache_size: 2}\n")
+    (project / "deploy.yaml").write_text("modules: [m]\nserver: {cache_size: 2, preload: false}\n")
     for k in range(4):
         (project / "m.py").write_text(f"from framework import deployment\n@deployment\ndef f(x):\n    return x + {k}\n")
         run_cli("deploy", store=store, cwd=project)
@@ -372,13 +372,20 @@ def test_responses_are_compact_json(examples_server):
     assert resp.content == orjson.dumps({"data": [[1, 2]]})
 
 
-def test_loading_counts_against_the_time_limit(sample):
-    resp = sample.post("/v1/slow_to_load/latest", {"data": 1, "timeout_seconds": 0.5})
-    assert_error(resp, 504, "did not load within 0.5 s")
-    deadline = time.monotonic() + 10  # the load went on: a later call is answered
-    while (resp := sample.post("/v1/slow_to_load/latest", {"data": 2, "timeout_seconds": 5})).status_code != 200:
-        assert time.monotonic() < deadline, resp.text
-    assert resp.json() == {"data": 2}
+def test_loading_counts_against_the_time_limit(sample_store, tmp_path):
+    config = tmp_path / "deploy.yaml"  # the sample's settings, without loading versions ahead
+    config.write_text((SAMPLE / "deploy.yaml").read_text() + "  preload: false\n")
+    sample = Server(sample_store, cwd=SAMPLE, FRAMEWORK_CONFIG=str(config))
+    try:
+        resp = sample.post("/v1/slow_to_load/latest", {"data": 1, "timeout_seconds": 0.5})
+        assert_error(resp, 504, "did not load within 0.5 s")
+        deadline = time.monotonic() + 10  # the load went on: a later call is answered
+        while (resp := sample.post("/v1/slow_to_load/latest",
+                                   {"data": 2, "timeout_seconds": 5})).status_code != 200:
+            assert time.monotonic() < deadline, resp.text
+        assert resp.json() == {"data": 2}
+    finally:
+        sample.stop()
 
 
 def test_a_version_that_fails_to_load_says_what_to_do(sample):
