@@ -1,0 +1,48 @@
+"""`--engine local`: worker processes on this machine (concurrent.futures).
+
+Workers are started with `spawn`, so none inherits the driver's threads (the
+progress bar's), and they ignore SIGINT: Ctrl-C reaches the driver, which
+stops them itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, Callable
+
+from framework.batch.io import Partition
+from framework.batch.score import Job, run_partition
+from framework.errors import ConfigError
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], None], *,
+        workers: int, address: str | None = None) -> None:
+    if address:
+        raise ConfigError("--address is for --engine dask or ray; the local engine runs here")
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(parts)) or 1,
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_sigint)
+    try:
+        pending: set[Future[dict[str, Any]]] = {pool.submit(run_partition, job, p) for p in parts}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_done(future.result())
+    except BaseException:
+        # concurrent.futures cannot stop a running task; end its processes (by PID) instead.
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        raise
+    pool.shutdown()
