@@ -10,11 +10,12 @@ from __future__ import annotations
 import multiprocessing
 import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from framework.batch.io import Partition
 from framework.batch.score import Job, run_partition
-from framework.errors import ConfigError
+from framework.errors import ConfigError, DeploymentFailed
 
 
 def _ignore_sigint() -> None:
@@ -33,7 +34,14 @@ def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], No
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                on_done(future.result())
+                try:
+                    on_done(future.result())
+                except BrokenProcessPool as exc:
+                    raise DeploymentFailed(
+                        f"a worker process died while scoring {job.name} v{job.version} ({exc}); "
+                        "the deployment ended its process (os._exit, a crash, out of memory): "
+                        "fix it, or give fewer --workers if memory ran out"
+                    ) from None
     except BaseException:
         # concurrent.futures cannot stop a running task; end its processes (by PID) instead.
         processes = list((getattr(pool, "_processes", None) or {}).values())
