@@ -233,16 +233,20 @@ def test_a_worker_that_dies_fails_the_job_without_output(project: Path) -> None:
     assert not out.exists() and leftovers(project) == []
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _descendants(pid: int) -> list[int]:
+    parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
     return found
 
 
@@ -269,8 +273,8 @@ def test_ctrl_c_stops_workers_and_leaves_no_output(project: Path, tmp_path: Path
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no partition finished within 60 s"
             time.sleep(0.1)
-        workers = _children(proc.pid)
-        assert workers
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 2  # the two workers (and the process that forks them)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
