@@ -53,9 +53,21 @@ def cpu(x):
 
 # Runs a command, then prints the largest resident set (KB) of any process it started and
 # the CPU seconds they used, all processes together (which a busy machine does not inflate).
-PEAK = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr); sys.exit(p.returncode)")
+# It makes itself the subreaper of the command's processes, so that workers whose parent
+# exits first (a forkserver's) are waited for, and counted, here.
+PEAK = """
+import ctypes, os, resource, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+code = subprocess.run(sys.argv[1:]).returncode
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr)
+sys.exit(code)
+"""
 
 
 def env_for(store: Path) -> dict[str, str]:

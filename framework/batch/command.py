@@ -18,9 +18,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from framework.errors import ConfigError
+from framework.batch.engines import ENGINES
+from framework.errors import ConfigError, DeploymentFailed, FrameworkError
 
-ENGINES = ("local", "dask", "ray")
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
@@ -169,7 +169,15 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
             progress.advance(summary["rows"], counts["rows"])
 
         if parts:
-            engine(job, parts, on_done, workers=workers, address=args.address)
+            try:
+                engine(job, parts, on_done, workers=workers, address=args.address)
+            except (FrameworkError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # the engine's own failure: rows never raise this far
+                from framework.protocol import error_text
+
+                raise DeploymentFailed(f"--engine {args.engine} failed scoring {name} "
+                                       f"v{version}: {error_text(exc)}") from exc
         progress.stop()
         record = {**job.pinned, "started": started, "ended": _now(), "rows": counts["rows"],
                   "failed_rows": counts["failed"], "input": str(args.input),
