@@ -309,3 +309,43 @@ def test_ray_scores_every_row(project: Path) -> None:
     assert (record_of(out)["version"], summary["failed_rows"]) == (1, 2)
     print(f"ray: {summary['rows_per_second']} rows/s in the job, "
           f"{time.monotonic() - started:.1f} s with start-up", file=sys.stderr)
+
+
+
+def test_a_terminal_gets_a_progress_bar(project: Path, tmp_path: Path) -> None:
+    """With stderr a terminal (a pseudo-terminal here), rich draws rows, rows/s and the ETA."""
+    import pty
+    import threading
+
+    pq.write_table(pa.table({"x": list(range(3000))}), tmp_path / "small.parquet")
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # keeps the terminal's buffer from filling while the job runs
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "framework", "batch", "slow", "--input",
+             str(tmp_path / "small.parquet"), "--output", str(tmp_path / "bar.parquet"),
+             "--workers", "2", "--partition-rows", "500"],
+            cwd=project, env=cli_env(project / "store", COLUMNS="120"), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=slave, timeout=300,
+        )
+    finally:
+        os.close(slave)
+    reader.join(30)
+    os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, shown
+    assert "slow v1" in shown and "rows/s" in shown and "/3000" in shown, shown
+    assert pq.read_table(tmp_path / "bar.parquet").column("result").to_pylist() == list(range(3000))

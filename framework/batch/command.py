@@ -98,13 +98,14 @@ class _Progress:
         if not enabled:
             return
         try:
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeRemainingColumn)
         except ImportError:
             return
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("rows {task.fields[speed]} rows/s"), TimeRemainingColumn(),
-                            transient=True)
+                            console=Console(stderr=True), transient=True)
         self.task = self.bar.add_task(label, total=total, speed="-")
         self.start = time.monotonic()
         self.bar.start()
@@ -145,13 +146,13 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
         if args.id_column and args.id_column not in schema.names:
             raise ConfigError(f"--id-column {args.id_column!r}: --input {f} has no such column; "
                               f"its columns are {schema.names}")
-    output = io.Output(args.output, overwrite=args.overwrite)
+    workers = args.workers or os.cpu_count() or 1
+    engine: Callable[..., None] = importlib.import_module(f"framework.batch.engines.{args.engine}").run
+    output = io.Output(args.output, overwrite=args.overwrite)  # from here on, abort() on failure
     job = Job(store=cfg.store, branch=branch, name=name, version=version,
               sha256=manifest["sha256"], vectorized=bool(manifest["options"].get("vectorized")),
               columns=columns, id_column=args.id_column, chunk_rows=args.chunk_rows,
               parts_dir=str(output.parts))
-    workers = args.workers or os.cpu_count() or 1
-    engine: Callable[..., None] = importlib.import_module(f"framework.batch.engines.{args.engine}").run
     started, t0 = _now(), time.monotonic()
     progress = None
     counts = {"rows": 0, "failed": 0}

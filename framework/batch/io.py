@@ -176,6 +176,8 @@ class Output:
     def _unified(self, files: list[Path]) -> tuple[pa.Schema, list[str]]:
         """One schema for every part, and the columns to turn into JSON text."""
         schemas = [pq.read_schema(f).remove_metadata() for f in files]
+        if not schemas:  # an input without rows: the columns every output has
+            schemas = [pa.schema([("row", pa.int64()), ("error", pa.string())])]
         try:
             schema = pa.unify_schemas(schemas, promote_options="permissive")
             as_json: list[str] = []
