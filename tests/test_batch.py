@@ -48,7 +48,7 @@ def row(x, name):
 @deployment
 def slow(x):
     time.sleep(0.002)
-    return x
+    return x * (VERSION - 1)
 
 
 @deployment
@@ -191,6 +191,53 @@ def test_the_ref_is_pinned_to_one_version(project: Path, tmp_path: Path) -> None
     assert record_of(out)["version"] == 1
 
 
+def test_a_directory_output_holds_parquet_parts_and_the_record(project: Path) -> None:
+    out = project / "scored-dir"
+    batch(project, "vec", "--input", "in.parquet", "--output", str(out), "--workers", "2",
+          "--partition-rows", "100000")
+    parts = sorted(p.name for p in out.iterdir())
+    assert parts == ["_framework.json", "part-00000.parquet", "part-00001.parquet"]
+    got = pq.read_table(out / "part-00001.parquet").to_pydict()
+    assert got["row"] == list(range(100_000, ROWS))
+    assert got["result"][123_456 - 100_000] is None and got["result"][-1] == 2 * (ROWS - 1) + (
+        (ROWS - 1) % 7)
+    record = json.loads((out / "_framework.json").read_text())
+    assert (record["version"], record["rows"], record["failed_rows"]) == (1, ROWS, 2)
+    assert record_of(out / "part-00000.parquet")["sha256"] == manifest(project, "vec", 1)["sha256"]
+    assert leftovers(project) == []
+
+
+def test_a_deploy_during_the_job_changes_nothing_in_its_output(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    write_project(tmp_path, 2)  # slow v1 returns x
+    run_cli("deploy", store=store, cwd=tmp_path)
+    pq.write_table(pa.table({"x": list(range(3000))}), tmp_path / "small.parquet")
+    out = tmp_path / "during.parquet"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framework", "batch", "slow", "--input", "small.parquet",
+         "--output", str(out), "--workers", "2", "--partition-rows", "250", "--json"],
+        cwd=tmp_path, env=cli_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".during.parquet.batch-*/parts/part-*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no partition finished within 60 s"
+            time.sleep(0.05)
+        write_project(tmp_path, 3)  # slow v2 returns 2x
+        run_cli("deploy", store=store, cwd=tmp_path)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["version"] == 1
+    assert pq.read_table(out).column("result").to_pylist() == list(range(3000))
+    assert record_of(out)["version"] == 1
+
+
 def test_a_changed_artifact_is_refused_and_leaves_no_output(tmp_path: Path) -> None:
     store = tmp_path / "store"
     write_project(tmp_path, 2)
@@ -211,7 +258,8 @@ def test_a_partition_run_twice_is_written_once(project: Path, tmp_path: Path) ->
     out = io.Output(str(tmp_path / "twice.parquet"), overwrite=False)
     job = Job(store=str(project / "store"), branch="main", name="vec", version=1,
               sha256=m["sha256"], vectorized=True, columns=(("x", "x"), ("y", "y")),
-              id_column=None, chunk_rows=10_000, parts_dir=str(out.parts))
+              id_column=None, chunk_rows=10_000, parts_dir=str(out.parts),
+              part_suffix=out.part_suffix)
     sliced, total = io.plan([project / "in.parquet"], 10_000)  # row groups of 25,000: sliced
     assert total == ROWS and [p.length for p in sliced[:3]] == [10_000, 10_000, 5_000]
     assert [p.first_row for p in sliced] == [sum(q.length for q in sliced[:i])
@@ -269,7 +317,7 @@ def test_ctrl_c_stops_workers_and_leaves_no_output(project: Path, tmp_path: Path
     try:
         deadline = time.monotonic() + 60
         # Wait until work is under way: the first part file is written.
-        while not list(tmp_path.glob(".interrupted.parquet.batch-*/parts/part-*.parquet")):
+        while not list(tmp_path.glob(".interrupted.parquet.batch-*/parts/part-*")):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no partition finished within 60 s"
             time.sleep(0.1)

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
     job = Job(store=cfg.store, branch=branch, name=name, version=version,
               sha256=manifest["sha256"], vectorized=bool(manifest["options"].get("vectorized")),
               columns=columns, id_column=args.id_column, chunk_rows=args.chunk_rows,
-              parts_dir=str(output.parts))
+              parts_dir=str(output.parts), part_suffix=output.part_suffix)
     started, t0 = _now(), time.monotonic()
     progress = None
     counts = {"rows": 0, "failed": 0}

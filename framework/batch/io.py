@@ -8,6 +8,8 @@ one file, or a slice of one large row group.
 Output goes to a staging directory next to the destination: each partition
 writes `part-NNNNN.parquet` (to a temporary name, then renamed), so an engine
 that runs a partition twice replaces the same file rather than adding rows.
+Parts of a single-file output are Arrow IPC files instead (`.arrow`): they are
+read back once, to be merged, and IPC skips Parquet's encoding and decoding.
 `Output.commit` builds the destination from the parts and renames it into
 place; `Output.abort` removes the staging directory, so a failed or
 interrupted job leaves nothing behind.
@@ -26,6 +28,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 
 from framework.errors import ConfigError
@@ -162,6 +165,7 @@ class Output:
         self.staging = self.path.parent / f".{self.path.name}.batch-{uuid.uuid4().hex[:12]}"
         self.parts = self.staging / "parts"
         self.parts.mkdir(parents=True)
+        self.part_suffix = ".parquet" if self.kind == "dir" else ".arrow"
 
     @property
     def sidecar(self) -> Path:
@@ -171,11 +175,11 @@ class Output:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _part_files(self) -> list[Path]:
-        return sorted(self.parts.glob("part-*.parquet"))
+        return sorted(self.parts.glob("part-*" + self.part_suffix))
 
     def _unified(self, files: list[Path]) -> tuple[pa.Schema, list[str]]:
         """One schema for every part, and the columns to turn into JSON text."""
-        schemas = [pq.read_schema(f).remove_metadata() for f in files]
+        schemas = [_read_part(f).schema.remove_metadata() for f in files]
         if not schemas:  # an input without rows: the columns every output has
             schemas = [pa.schema([("row", pa.int64()), ("error", pa.string())])]
         try:
@@ -198,7 +202,7 @@ class Output:
 
     def _tables(self, files: list[Path], schema: pa.Schema, as_json: list[str]):
         for f in files:
-            t = pq.read_table(f)
+            t = _read_part(f)
             for name in as_json:
                 if name in t.column_names:
                     values = json_column(t.column(name).to_pylist())
@@ -242,10 +246,21 @@ class Output:
         self.abort()
 
 
-def write_part(parts_dir: str, index: int, table: pa.Table, pinned: dict[str, Any]) -> None:
+def _read_part(path: Path) -> pa.Table:
+    if path.suffix == ".arrow":  # mapped, not copied; the map lives as long as the table
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    return pq.read_table(path)
+
+
+def write_part(parts_dir: str, suffix: str, index: int, table: pa.Table,
+               pinned: dict[str, Any]) -> None:
     """Write one partition's result; a second run of the same partition replaces it."""
-    final = Path(parts_dir) / f"part-{index:05d}.parquet"
+    final = Path(parts_dir) / f"part-{index:05d}{suffix}"
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     table = table.replace_schema_metadata({META_KEY: json.dumps(pinned, sort_keys=True).encode()})
-    pq.write_table(table, tmp)
+    if suffix == ".arrow":
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        pq.write_table(table, tmp)
     os.replace(tmp, final)

@@ -42,6 +42,7 @@ class Job:
     id_column: str | None
     chunk_rows: int
     parts_dir: str
+    part_suffix: str  # `.parquet` or `.arrow`: see framework.batch.io
 
     @property
     def pinned(self) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def run_partition(job: Job, part: io.Partition) -> dict[str, Any]:
     table = io.read_partition(part, job.read_columns)
     out = score_table(job, fn, table, part.first_row)
     failed = out.num_rows - out.column(ERROR_COLUMN).null_count
-    io.write_part(job.parts_dir, part.index, out, job.pinned)
+    io.write_part(job.parts_dir, job.part_suffix, part.index, out, job.pinned)
     return {"index": part.index, "rows": out.num_rows, "failed": failed}
 
 

@@ -28,7 +28,9 @@ def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], No
     if address:
         raise ConfigError("--address is for --engine dask or ray; the local engine runs here")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["framework.batch.score"])
+    # pandas too, when installed: pyarrow imports it on the first pa.array() of each process,
+    # a cost better paid once here than in every worker (a missing module is skipped).
+    ctx.set_forkserver_preload(["framework.batch.score", "pandas"])
     pool = ProcessPoolExecutor(max_workers=min(workers, len(parts)) or 1, mp_context=ctx,
                                initializer=_ignore_sigint)
     try:
