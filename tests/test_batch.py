@@ -53,7 +53,7 @@ def slow(x):
 
 @deployment
 def crash(x):
-    if x == 150_000:
+    if x == 1500:
         os._exit(3)  # a deployment that ends its own process
     return x
 '''
@@ -273,12 +273,13 @@ def test_a_partition_run_twice_is_written_once(project: Path, tmp_path: Path) ->
     assert leftovers(tmp_path) == []
 
 
-def test_a_worker_that_dies_fails_the_job_without_output(project: Path) -> None:
-    out = project / "crashed.parquet"
-    proc = batch(project, "crash", "--input", "in.parquet", "--output", str(out),
-                 "--workers", "2", check=False)
+def test_a_worker_that_dies_fails_the_job_without_output(project: Path, tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": list(range(3000))}), tmp_path / "small.parquet")
+    out = tmp_path / "crashed.parquet"
+    proc = batch(project, "crash", "--input", str(tmp_path / "small.parquet"), "--output",
+                 str(out), "--workers", "2", "--partition-rows", "500", check=False)
     assert proc.returncode == 1 and "worker process died" in proc.stderr, proc.stderr
-    assert not out.exists() and leftovers(project) == []
+    assert not out.exists() and leftovers(tmp_path) == []
 
 
 def _descendants(pid: int) -> list[int]:
