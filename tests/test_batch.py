@@ -311,7 +311,7 @@ def test_ctrl_c_stops_workers_and_leaves_no_output(project: Path, tmp_path: Path
     out = tmp_path / "interrupted.parquet"
     proc = subprocess.Popen(
         [sys.executable, "-m", "framework", "batch", "slow", "--input", "in.parquet",
-         "--output", str(out), "--workers", "2", "--partition-rows", "5000"],
+         "--output", str(out), "--workers", "2", "--partition-rows", "500"],
         cwd=project, env=cli_env(project / "store"), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )

@@ -142,21 +142,26 @@ def _vectorized(job: Job, fn: Callable[..., Any], table: pa.Table
 def _per_row(job: Job, fn: Callable[..., Any], table: pa.Table
              ) -> tuple[list[Any], list[str | None]]:
     call = _caller(fn)
-    params = inspect.signature(fn).parameters
-    positional = [p for p, _ in job.columns
-                  if params.get(p) is not None and params[p].kind is params[p].POSITIONAL_ONLY]
-    named = [p for p, _ in job.columns if p not in positional]
-    cols = {p: table.column(c).to_pylist() for p, c in job.columns}
+    order = list(inspect.signature(fn).parameters.values())
+    names = [p for p, _ in job.columns]
+    cols = [table.column(c).to_pylist() for _, c in job.columns]
+    errors: list[str | None] = [None] * table.num_rows
+    # The common case, columns for the leading parameters in order, passes them by position:
+    # building keyword arguments for every row costs as much as a small function itself.
+    if names == [p.name for p in order[:len(names)]] and all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in order[:len(names)]):
+        rows: Any = zip(*cols)
+        kwargs = False
+    else:
+        rows = (dict(zip(names, values)) for values in zip(*cols))
+        kwargs = True
     results: list[Any] = []
-    errors: list[str | None] = []
-    for i in range(table.num_rows):
+    for i, row in enumerate(rows):
         try:
-            results.append(call(*[cols[p][i] for p in positional],
-                                **{p: cols[p][i] for p in named}))
-            errors.append(None)
+            results.append(call(**row) if kwargs else call(*row))
         except Exception as exc:  # noqa: BLE001 - the row's failure is its error column
             results.append(None)
-            errors.append(error_text(exc))
+            errors[i] = error_text(exc)
     return results, errors
 
 
