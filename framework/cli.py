@@ -313,6 +313,15 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, cfgmod.Config], int], st
 }
 
 
+def cmd_batch(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
+    from framework.batch.command import run
+
+    return run(args, cfg)
+
+
+COMMANDS["batch"] = (cmd_batch, "score a table (Parquet or CSV) offline with one pinned version")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="framework", description=__doc__.split("\n")[0])
     from framework import __version__
@@ -366,6 +375,9 @@ def parser() -> argparse.ArgumentParser:
     keys.add_parser("list", help="every key: id, deployments, status (never the key itself)")
     keys.add_parser("revoke", help="revoke a key (a running server refuses it within a second)"
                     ).add_argument("key_id", help="the key's id (from `keys list`) or the key")
+    from framework.batch.command import add_arguments as batch_arguments  # stdlib-only module
+
+    batch_arguments(subs["batch"])
     return p
 
 
