@@ -25,6 +25,7 @@ from framework.accesslog import AccessLog
 from framework.cache import VersionCache
 from framework.errors import (
     BadRequest,
+    BodyTimeout,
     CallTimeout,
     ConfigError,
     DeploymentFailed,
@@ -51,6 +52,7 @@ STATUS: dict[type[FrameworkError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
+    BodyTimeout: 408,
     IntegrityError: 409,
     IncompatibleArtifact: 409,
     PayloadTooLarge: 413,
@@ -81,6 +83,8 @@ def error_response(exc: FrameworkError) -> Response:
         body["errors"] = exc.errors
     headers = {"Retry-After": "1"} if status == 503 else (
         {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    if status == 408:  # the rest of a stalled body is not waited for: the connection goes
+        headers = {"Connection": "close"}
     return JSONResponse(body, status, headers=headers)
 
 
@@ -90,24 +94,33 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float) -> bytes:
+    """The whole body, within `timeout` seconds (else BodyTimeout): uvicorn bounds no
+    request body's time, and a stalled sender would keep its connection for ever."""
     # From the ASGI scope and messages directly: Starlette's `Headers` and its
     # `Request.stream()` async generator are a measurable part of a small request's cost.
     length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
     if length.isdigit() and int(length) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
-    while True:  # one message per turn, until the last one or a disconnect
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunk if len(chunks) == 1 else b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:  # one message per turn, until the last one or a disconnect
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunk if len(chunks) == 1 else b"".join(chunks)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body was not complete after {timeout:g} s (server.body_timeout_seconds; "
+            f"{size} bytes arrived); send the whole body at once, or raise the limit for slow links"
+        ) from None
 
 
 def answer_error(scope: Scope, exc: FrameworkError) -> Response:
@@ -163,6 +176,8 @@ class Runtime:
         self.store = cfg.open_store()
         s = cfg.server
         self.limit = s["max_body_bytes"]
+        self.body_timeout = float(s["body_timeout_seconds"])
+        self.max_rows = s["max_rows"]
         self.timeout = float(s["timeout_seconds"])
         self.max_inflight = s["max_concurrency"]
         self.inflight = 0
@@ -178,12 +193,21 @@ class Runtime:
         p = scope["path_params"]
         name, ref = p["name"], p["ref"]
         branch = p.get("branch", "main").replace("~", "/")
-        if self.inflight >= self.max_inflight:
-            raise Overloaded(f"the server is busy ({self.inflight} requests in flight); retry shortly")
+        self.admit()  # before the body too: a busy server need not read it
+        try:
+            body = await read_body(scope, receive, self.limit, self.body_timeout)
+        except ClientDisconnect:  # the caller went away: nothing to answer, and not an error
+            scope[observe.SCOPE_DISCONNECTED] = True
+            return
+        # Only requests whose body is complete take inference capacity: clients still
+        # sending (slowly, or stalled until body_timeout_seconds) do not.
+        self.admit()
         self.inflight += 1
         try:
-            body = await read_body(scope, receive, self.limit)
-            call = protocol.parse(body)
+            if len(body) > protocol.LARGE_BODY:  # off the event loop, which serves the others meanwhile
+                call = await asyncio.to_thread(protocol.parse, body, self.max_rows)
+            else:
+                call = protocol.parse(body, self.max_rows)
             timeout = min(call.timeout or self.timeout, self.timeout)
             runner = self.versions.cached(branch, name, ref)
             if runner is None:
@@ -197,6 +221,10 @@ class Runtime:
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-length", b"%d" % len(payload)), (b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": payload})
+
+    def admit(self) -> None:
+        if self.inflight >= self.max_inflight:
+            raise Overloaded(f"the server is busy ({self.inflight} requests in flight); retry shortly")
 
     async def list_deployments(self, request: Request) -> Response:
         found = await asyncio.to_thread(self.store.deployments)  # disk reads, off the event loop

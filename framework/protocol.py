@@ -15,7 +15,12 @@ from typing import Any, Callable
 
 import orjson
 
-from framework.errors import BadRequest
+from framework.errors import BadRequest, PayloadTooLarge
+
+# Bodies over this many bytes are parsed on a thread, not on the event loop: parsing
+# takes time in proportion to the size, and on the loop a body of tens of megabytes
+# stalled every other request for seconds.
+LARGE_BODY = 1 << 20
 
 
 @dataclass
@@ -68,11 +73,16 @@ def _loads(body: bytes) -> Any:
     return json.loads(body, parse_int=_int64, parse_constant=_constant)
 
 
-def parse(body: bytes) -> Call:
-    """Parse a request body, whatever its Content-Type said."""
+def parse(body: bytes, max_rows: int | None = None) -> Call:
+    """Parse a request body, whatever its Content-Type said; a batch of more than
+    `max_rows` rows raises PayloadTooLarge."""
     try:
         doc = _loads(body)
+    except RecursionError:  # Python's json recurses once per level; orjson stops at 1,024
+        raise _too_deep() from None
     except ValueError as exc:  # orjson's and json's JSONDecodeError, a UnicodeDecodeError
+        if "depth limit" in str(exc) or "recursion" in str(exc).lower():
+            raise _too_deep() from None
         raise BadRequest(
             f'request body is not valid JSON ({exc}); send {{"data": ...}}'
         ) from None
@@ -91,6 +101,11 @@ def parse(body: bytes) -> Call:
         batch = batch_opt
     if not batch:
         return Call(False, data, [], [], partial, timeout)
+    if max_rows is not None and len(data) > max_rows:
+        raise PayloadTooLarge(
+            f"the batch has {len(data)} rows, over the server's limit of {max_rows} "
+            "(server.max_rows); split it into smaller requests"
+        )
     checked = _fast_ids(data) if all_lists else None
     ids, kinds = checked if checked is not None else _checked_ids(data)
     mixed = bool(kinds & {int, float}) and str in kinds
@@ -98,23 +113,30 @@ def parse(body: bytes) -> Call:
     return Call(True, data, ids, data, partial, timeout, order)
 
 
+def _too_deep() -> BadRequest:
+    return BadRequest(
+        "request body is nested too deeply (JSON arrays and objects over about 1,000 levels "
+        "deep are refused); send flatter data"
+    )
+
+
 def _options(doc: dict[str, Any]) -> tuple[bool | None, bool, float | None]:
     """The request's `batch`, `partial` and `timeout_seconds`, checked."""
     batch_opt = doc.get("batch")
     if batch_opt is not None and not isinstance(batch_opt, bool):
-        raise BadRequest(f'"batch" must be true or false, got {batch_opt!r}')
+        raise BadRequest(f'"batch" must be true or false, got {_short(batch_opt)}')
     partial = doc.get("partial", False)
     if not isinstance(partial, bool):
-        raise BadRequest(f'"partial" must be true or false, got {partial!r}')
+        raise BadRequest(f'"partial" must be true or false, got {_short(partial)}')
     timeout = doc.get("timeout_seconds")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
     ):
-        raise BadRequest(f'"timeout_seconds" must be a positive number, got {timeout!r}')
+        raise BadRequest(f'"timeout_seconds" must be a positive number, got {_short(timeout)}')
     if doc.get("response_webhook") is not None:
         raise BadRequest('"response_webhook" is not supported yet; call without it and wait for the answer')
     if doc.get("response_format") not in (None, "json"):
-        raise BadRequest(f'"response_format" {doc["response_format"]!r} is not supported; omit it for JSON')
+        raise BadRequest(f'"response_format" {_short(doc["response_format"])} is not supported; omit it for JSON')
     return batch_opt, partial, timeout
 
 
@@ -164,7 +186,10 @@ def _checked_ids(data: list[Any]) -> tuple[list[Any], set[type]]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # repr recurses once per level, as Python's json does
+        return "a value nested too deeply to show"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
