@@ -20,7 +20,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework import config as cfgmod
-from framework import auth, encoding, observe, openapi, preempt, protocol, signing
+from framework import auth, bigbody, encoding, observe, openapi, preempt, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
 from framework.errors import (
@@ -205,7 +205,7 @@ class Runtime:
         self.inflight += 1
         try:
             if len(body) > protocol.LARGE_BODY:  # off the event loop, which serves the others meanwhile
-                call = await asyncio.to_thread(protocol.parse, body, self.max_rows)
+                call = await asyncio.to_thread(bigbody.parse_large, body, self.max_rows)
             else:
                 call = protocol.parse(body, self.max_rows)
             timeout = min(call.timeout or self.timeout, self.timeout)

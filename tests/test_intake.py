@@ -6,6 +6,7 @@ must stop mid-body (httpx always sends a whole body). Every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import Server, run_cli
 from framework import config as cfgmod
-from framework import protocol
+from framework import bigbody, protocol
 from framework.errors import BadRequest, ConfigError, PayloadTooLarge
 
 PATH = "/v1/example_doubler/latest"
@@ -291,3 +292,66 @@ def test_deep_nesting_anywhere_never_gets_a_5xx(deep_server, depth, kind, leaf, 
     # The server still answers correctly afterwards.
     ok = httpx.post(deep_server.url + PATH, json={"data": [[1, 2]]}, timeout=60)
     assert ok.json() == {"data": [[1, 4]]}
+
+
+# Bodies as clients send them: orjson's compact form and the stdlib's spaced one, with
+# strings that hold the cut's own text, nested rows, options after the rows, and errors.
+cut_text = st.sampled_from(["],[", "], [", '"data"', "a", "", "[", "]"])
+leaf = st.one_of(st.integers(-1000, 1000), st.floats(allow_nan=False), cut_text, st.booleans(), st.none(),
+                 st.integers(-(2**70), 2**70))
+value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+row = st.one_of(st.tuples(st.one_of(st.integers(-3, 30), cut_text, st.floats(-3, 3)), value).map(list),
+                st.tuples(st.integers(0, 100), leaf).map(list), st.lists(value, max_size=3), value)
+tail = st.sampled_from(["", ', "partial": true', ', "batch": false', ', "data": [[1, 1]]', ', "batch": 3',
+                        ', "timeout_seconds": 5'])
+
+
+def outcome(fn, body: bytes) -> tuple:
+    try:
+        call = fn(body, 40)
+    except Exception as exc:  # the same class and message from both
+        return (type(exc), str(exc))
+    return (call.batch, call.data, call.ids, call.rows, call.partial, call.timeout,
+            call.order is protocol.pair_order)
+
+
+@settings(max_examples=400, deadline=None)
+@given(rows=st.lists(row, max_size=50), spaced=st.booleans(), tail=tail,
+       piece=st.integers(1, 64), broken=st.integers(0, 3))
+def test_a_big_body_read_in_pieces_is_read_as_a_whole(rows, spaced, tail, piece, broken):
+    text = json.dumps(rows) if spaced else json.dumps(rows, separators=(",", ":"))
+    body = ('{"data": ' if spaced else '{"data":') + text + tail + "}"
+    raw = body.encode()
+    if broken == 1:
+        raw = raw[:-1]  # truncated
+    elif broken == 2:
+        raw = raw.replace(b"],[", b"],,[", 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bigbody, "PIECE_BYTES", piece)  # many cuts in a small body
+        assert outcome(bigbody.parse_large, raw) == outcome(protocol.parse, raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.one_of(st.integers(-50, 50), st.sampled_from(["a", "],[", "b"]),
+                                         st.floats(-2, 2)), value).map(list),
+                     min_size=2, max_size=60, unique_by=lambda r: r[0]),
+       spaced=st.booleans(), tail=tail, piece=st.integers(1, 64))
+def test_a_well_formed_batch_read_in_pieces_is_read_as_a_whole(rows, spaced, tail, piece):
+    text = json.dumps(rows) if spaced else json.dumps(rows, separators=(",", ":"))
+    raw = (('{"data": ' if spaced else '{"data":') + text + tail + "}").encode()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bigbody, "PIECE_BYTES", piece)
+        assert outcome(bigbody.parse_large, raw) == outcome(protocol.parse, raw)
+
+
+def test_a_big_batch_is_cut_into_pieces_and_read_right():
+    rows = [[i, [i, "],[", {"k": [i]}]] for i in range(60_000, 0, -1)]
+    body = orjson.dumps({"data": rows, "partial": True})
+    assert len(bigbody._cuts(body, len(b'{"data":[')) or []) > 4
+    call = bigbody.parse_large(body, 100_000)
+    assert call.batch and call.partial and call.data == rows and call.ids == [r[0] for r in rows]
+    with pytest.raises(PayloadTooLarge, match="60000 rows"):
+        bigbody.parse_large(body, 59_999)
+    dup = orjson.dumps({"data": rows + [[7, 0]]})
+    with pytest.raises(BadRequest, match="id 7 appears more than once"):
+        bigbody.parse_large(dup, None)
