@@ -23,6 +23,7 @@ from framework import config as cfgmod
 from framework import auth, bigbody, encoding, observe, openapi, preempt, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
+from framework.deadlines import BodyDeadlines
 from framework.errors import (
     BadRequest,
     BodyTimeout,
@@ -94,33 +95,40 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float) -> bytes:
-    """The whole body, within `timeout` seconds (else BodyTimeout): uvicorn bounds no
-    request body's time, and a stalled sender would keep its connection for ever."""
+async def read_body(scope: Scope, receive: Receive, limit: int, deadlines: BodyDeadlines) -> bytes:
+    """The whole body, or BodyTimeout once `deadlines` says it is late."""
     # From the ASGI scope and messages directly: Starlette's `Headers` and its
     # `Request.stream()` async generator are a measurable part of a small request's cost.
     length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
     if length.isdigit() and int(length) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
+    task = asyncio.current_task()
+    assert task is not None
+    deadlines.watch(task)
     try:
-        async with asyncio.timeout(timeout):
-            while True:  # one message per turn, until the last one or a disconnect
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientDisconnect()
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return chunk if len(chunks) == 1 else b"".join(chunks)
-    except TimeoutError:
+        while True:  # one message per turn, until the last one or a disconnect
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunk if len(chunks) == 1 else b"".join(chunks)
+    except asyncio.CancelledError:
+        if not deadlines.done(task):
+            raise
+        task.uncancel()
         raise BodyTimeout(
-            f"the request body was not complete after {timeout:g} s (server.body_timeout_seconds; "
-            f"{size} bytes arrived); send the whole body at once, or raise the limit for slow links"
+            f"the request body was not complete after {deadlines.timeout:g} s "
+            f"(server.body_timeout_seconds; {size} bytes arrived); send the whole body at once, "
+            "or raise the limit for slow links"
         ) from None
+    finally:
+        deadlines.done(task)
 
 
 def answer_error(scope: Scope, exc: FrameworkError) -> Response:
@@ -176,7 +184,7 @@ class Runtime:
         self.store = cfg.open_store()
         s = cfg.server
         self.limit = s["max_body_bytes"]
-        self.body_timeout = float(s["body_timeout_seconds"])
+        self.body_deadlines = BodyDeadlines(float(s["body_timeout_seconds"]))
         self.max_rows = s["max_rows"]
         self.timeout = float(s["timeout_seconds"])
         self.max_inflight = s["max_concurrency"]
@@ -195,7 +203,7 @@ class Runtime:
         branch = p.get("branch", "main").replace("~", "/")
         self.admit()  # before the body too: a busy server need not read it
         try:
-            body = await read_body(scope, receive, self.limit, self.body_timeout)
+            body = await read_body(scope, receive, self.limit, self.body_deadlines)
         except ClientDisconnect:  # the caller went away: nothing to answer, and not an error
             scope[observe.SCOPE_DISCONNECTED] = True
             return
