@@ -3,6 +3,7 @@
     python bench/huge_body.py                         # 2.65 M rows (about 30 MB), 3 runs
     python bench/huge_body.py --rows 1000000 --runs 1
     python bench/huge_body.py --source /path/to/other/checkout   # the same against other code
+    python bench/huge_body.py --parse-only            # in-process: the event loop while parsing
 
 Starts `framework serve` (one worker) on loopback with `max_rows` and
 `max_body_bytes` raised to take the body, deploys this repo's examples into a
@@ -12,6 +13,11 @@ thread polls the server's resident memory and another asks `/livez` in a
 loop. Prints, as medians over the runs: the body's size, the time to the
 answer, the server's RSS before, at its peak and after, and the slowest
 `/livez` answer during the request next to the median one while idle.
+
+`--parse-only` parses the body in this process, with the server's garbage
+collector settings, three ways: on the event loop, with `protocol.parse` on a
+thread, and with `bigbody.parse_large` on a thread (what the server does),
+and prints the longest time the event loop went without a turn meanwhile.
 """
 
 from __future__ import annotations
@@ -89,6 +95,56 @@ def one_round(server: Server, body: bytes, concurrent: int) -> dict[str, float]:
             "rss_after_mb": server.rss_mb(), "livez_worst_ms": max(watch.livez) * 1000}
 
 
+async def _loop_gaps(parse, body: bytes, on_loop: bool) -> tuple[float, float]:
+    """(seconds the parse took, the longest the loop went without running a 1 ms sleep)."""
+    import asyncio
+
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
+    start = time.perf_counter()
+    if on_loop:
+        parse(body, None)
+    else:
+        await asyncio.to_thread(parse, body, None)
+    took = time.perf_counter() - start
+    await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    return took, max(gaps)
+
+
+def parse_only(body: bytes, runs: int) -> None:
+    import uvloop
+
+    from framework import bigbody, protocol
+    from framework.server import tune_gc
+
+    tune_gc()
+    ways = (("protocol.parse on the loop", protocol.parse, True),
+            ("protocol.parse on a thread", protocol.parse, False),
+            ("bigbody.parse_large on a thread", bigbody.parse_large, False))
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in ways}
+    for _ in range(runs):
+        for label, parse, on_loop in ways:
+            results[label].append(uvloop.run(_loop_gaps(parse, body, on_loop)))
+    base = statistics.median(gap for _, gap in results[ways[0][0]])
+    for label, found in results.items():
+        took, gap = statistics.median(t for t, _ in found), statistics.median(g for _, g in found)
+        print(f"{label}: parse {took:.2f} s, loop's longest wait {gap * 1000:.0f} ms "
+              f"({gap / base:.2f}x on the loop's)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2_650_000)
@@ -96,8 +152,12 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=4)
     ap.add_argument("--source", type=Path, default=REPO, help="the checkout whose framework serves")
     ap.add_argument("--server", default="", help="more server settings, YAML: 'cache_size: 8'")
+    ap.add_argument("--parse-only", action="store_true", help="in this process, no server")
     args = ap.parse_args()
     body = orjson.dumps({"data": [[i, i % 10] for i in range(args.rows)]})
+    if args.parse_only:
+        print(f"body {len(body) / 2**20:.1f} MiB, {args.rows:,} rows; median of {args.runs}")
+        return parse_only(body, args.runs)
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEWORK_")}
         env.update(FRAMEWORK_STORE=f"{tmp}/store", PYTHONPATH=str(args.source.resolve()), TMPDIR=tmp)

@@ -20,10 +20,9 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework import config as cfgmod
-from framework import auth, bigbody, encoding, observe, openapi, preempt, protocol, signing
+from framework import auth, bigbody, encoding, intake, observe, openapi, preempt, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
-from framework.deadlines import BodyDeadlines
 from framework.errors import (
     BadRequest,
     BodyTimeout,
@@ -89,48 +88,6 @@ def error_response(exc: FrameworkError) -> Response:
     return JSONResponse(body, status, headers=headers)
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"request body is over the {limit}-byte limit; split the batch into smaller requests"
-    )
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int, deadlines: BodyDeadlines) -> bytes:
-    """The whole body, or BodyTimeout once `deadlines` says it is late."""
-    # From the ASGI scope and messages directly: Starlette's `Headers` and its
-    # `Request.stream()` async generator are a measurable part of a small request's cost.
-    length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-    if length.isdigit() and int(length) > limit:
-        raise _too_large(limit)
-    chunks, size = [], 0
-    task = asyncio.current_task()
-    assert task is not None
-    deadlines.watch(task)
-    try:
-        while True:  # one message per turn, until the last one or a disconnect
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunk if len(chunks) == 1 else b"".join(chunks)
-    except asyncio.CancelledError:
-        if not deadlines.done(task):
-            raise
-        task.uncancel()
-        raise BodyTimeout(
-            f"the request body was not complete after {deadlines.timeout:g} s "
-            f"(server.body_timeout_seconds; {size} bytes arrived); send the whole body at once, "
-            "or raise the limit for slow links"
-        ) from None
-    finally:
-        deadlines.done(task)
-
-
 def answer_error(scope: Scope, exc: FrameworkError) -> Response:
     """The answer to `exc`, noted in the scope for the metrics and the access log."""
     scope[observe.SCOPE_ERROR] = exc
@@ -184,7 +141,7 @@ class Runtime:
         self.store = cfg.open_store()
         s = cfg.server
         self.limit = s["max_body_bytes"]
-        self.body_deadlines = BodyDeadlines(float(s["body_timeout_seconds"]))
+        self.body_deadlines = intake.BodyDeadlines(float(s["body_timeout_seconds"]))
         self.max_rows = s["max_rows"]
         self.timeout = float(s["timeout_seconds"])
         self.max_inflight = s["max_concurrency"]
@@ -203,7 +160,7 @@ class Runtime:
         branch = p.get("branch", "main").replace("~", "/")
         self.admit()  # before the body too: a busy server need not read it
         try:
-            body = await read_body(scope, receive, self.limit, self.body_deadlines)
+            body = await intake.read_body(scope, receive, self.limit, self.body_deadlines)
         except ClientDisconnect:  # the caller went away: nothing to answer, and not an error
             scope[observe.SCOPE_DISCONNECTED] = True
             return

@@ -355,3 +355,36 @@ def test_a_big_batch_is_cut_into_pieces_and_read_right():
     dup = orjson.dumps({"data": rows + [[7, 0]]})
     with pytest.raises(BadRequest, match="id 7 appears more than once"):
         bigbody.parse_large(dup, None)
+
+
+def test_body_deadlines_cancel_only_reads_past_their_deadline():
+    import asyncio
+
+    from framework.intake import BodyDeadlines
+
+    async def main() -> None:
+        deadlines = BodyDeadlines(0.05)
+        never = asyncio.Event()
+
+        async def stalled_read() -> bool:
+            task = asyncio.current_task()
+            deadlines.watch(task)
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                return deadlines.done(task)
+            return False
+
+        async def finished_read() -> str:
+            task = asyncio.current_task()
+            deadlines.watch(task)
+            assert deadlines.done(task) is False  # read at once: no longer watched
+            await asyncio.sleep(0.3)  # several ticks past its deadline: still not cancelled
+            return "ran on"
+
+        late, prompt = asyncio.create_task(stalled_read()), asyncio.create_task(finished_read())
+        assert await asyncio.wait_for(late, 30) is True
+        assert await asyncio.wait_for(prompt, 30) == "ran on"
+        assert not deadlines.reading and not deadlines.expired
+
+    asyncio.run(main())
