@@ -20,7 +20,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from framework import config as cfgmod
-from framework import auth, encoding, observe, openapi, protocol, signing
+from framework import auth, bigbody, encoding, intake, observe, openapi, protocol, signing
 from framework.accesslog import AccessLog
 from framework.cache import VersionCache
 from framework.environments import Environments, build_all, wanted
@@ -28,6 +28,7 @@ from framework.jobs import Jobs, is_batch_id
 from framework.links import Links
 from framework.errors import (
     BadRequest,
+    BodyTimeout,
     CallTimeout,
     ConfigError,
     DeploymentFailed,
@@ -59,6 +60,7 @@ STATUS: dict[type[FrameworkError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
+    BodyTimeout: 408,
     IntegrityError: 409,
     IncompatibleArtifact: 409,
     Gone: 410,  # an expired result link
@@ -93,6 +95,8 @@ def error_response(exc: FrameworkError) -> Response:
         body["errors"] = exc.errors
     headers = {"Retry-After": "1"} if status == 503 else (
         {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    if status == 408:  # the rest of a stalled body is not waited for: the connection goes
+        headers = {"Connection": "close"}
     return JSONResponse(body, status, headers=headers)
 
 
@@ -110,32 +114,6 @@ async def send_json(send: Send, status: int, payload: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-length", b"%d" % len(payload)), (b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": payload})
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"request body is over the {limit}-byte limit; split the batch into smaller requests"
-    )
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    # From the ASGI scope and messages directly: Starlette's `Headers` and its
-    # `Request.stream()` async generator are a measurable part of a small request's cost.
-    length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-    if length.isdigit() and int(length) > limit:
-        raise _too_large(limit)
-    chunks, size = [], 0
-    while True:  # one message per turn, until the last one or a disconnect
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunk if len(chunks) == 1 else b"".join(chunks)
 
 
 def answer_error(scope: Scope, exc: FrameworkError) -> Response:
@@ -191,6 +169,8 @@ class Runtime:
         self.store = cfg.open_store()
         s = cfg.server
         self.limit = s["max_body_bytes"]
+        self.body_deadlines = intake.BodyDeadlines(float(s["body_timeout_seconds"]))
+        self.max_rows = s["max_rows"]
         self.timeout = float(s["timeout_seconds"])
         self.max_inflight = s["max_concurrency"]
         self.inflight = 0
@@ -257,12 +237,21 @@ class Runtime:
         p = scope["path_params"]
         name, ref = p["name"], p["ref"]
         branch = p.get("branch", "main").replace("~", "/")
-        if self.inflight >= self.max_inflight:
-            raise Overloaded(f"the server is busy ({self.inflight} requests in flight); retry shortly")
+        self.admit()  # before the body too: a busy server need not read it
+        try:
+            body = await intake.read_body(scope, receive, self.limit, self.body_deadlines)
+        except ClientDisconnect:  # the caller went away: nothing to answer, and not an error
+            scope[observe.SCOPE_DISCONNECTED] = True
+            return
+        # Only requests whose body is complete take inference capacity: clients still
+        # sending (slowly, or stalled until body_timeout_seconds) do not.
+        self.admit()
         self.inflight += 1
         try:
-            body = await read_body(scope, receive, self.limit)
-            call = protocol.parse(body)
+            if len(body) > protocol.LARGE_BODY:  # off the event loop, which serves the others meanwhile
+                call = await asyncio.to_thread(bigbody.parse_large, body, self.max_rows)
+            else:
+                call = protocol.parse(body, self.max_rows)
             timeout = min(call.timeout or self.timeout, self.timeout)
             if call.webhook is not None:  # answered once its job is stored; framework.jobs runs it
                 version = await self.versions.resolve(branch, name, ref)
@@ -284,6 +273,10 @@ class Runtime:
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-length", b"%d" % len(payload)), (b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": payload})
+
+    def admit(self) -> None:
+        if self.inflight >= self.max_inflight:
+            raise Overloaded(f"the server is busy ({self.inflight} requests in flight); retry shortly")
 
     async def list_deployments(self, request: Request) -> Response:
         found = await asyncio.to_thread(self.store.deployments)  # disk reads, off the event loop

@@ -25,6 +25,11 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "port": 8000,
     "workers": 1,
     "max_body_bytes": 32 * 1024 * 1024,
+    # A client still sending its body after this long gets 408: a slow or stalled
+    # sender must not keep its connection and memory for ever.
+    "body_timeout_seconds": 10.0,
+    # Rows per batch request; more answer 413 (docs/protocol.md: what a row costs in memory).
+    "max_rows": 1_000_000,
     "max_concurrency": 1024,
     "timeout_seconds": 300.0,
     "cache_size": 64,
@@ -66,7 +71,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
 
 # The smallest value each numeric server setting may take.
 SERVER_MINIMUMS: dict[str, float] = {
-    "port": 1, "workers": 1, "max_body_bytes": 1, "max_concurrency": 1,
+    "port": 1, "workers": 1, "max_body_bytes": 1, "body_timeout_seconds": 0.001, "max_rows": 1, "max_concurrency": 1,
     "timeout_seconds": 0.001, "cache_size": 1, "cache_bytes": 0,
     "async_timeout_seconds": 0.001, "async_concurrency": 1,
     "async_lease_seconds": 0.1, "async_poll_seconds": 0.01, "async_retention_seconds": 0,

@@ -75,6 +75,10 @@ class PayloadTooLarge(FrameworkError):
     """A request body over the configured limit."""
 
 
+class BodyTimeout(FrameworkError):
+    """A client did not send its whole request body within `server.body_timeout_seconds`."""
+
+
 class DeploymentFailed(FrameworkError):
     """The user's function raised on a single call."""
 

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 SCOPE_CALL = "framework.call"
 SCOPE_ERROR = "framework.error"
 SCOPE_KEY = "framework.key"  # the caller's auth.Key, where API keys are on
+SCOPE_DISCONNECTED = "framework.disconnected"  # the client left before its body was read
+CLIENT_CLOSED = 499  # the status noted for those (nginx's): no answer was sent, nothing failed
 OPS_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/healthz"})
 FLUSH_INTERVAL_S = 0.05  # the most often access-log lines are written out
 CHUNK = 128  # requests counted and logged together
@@ -142,6 +144,8 @@ class ObserveMiddleware:
             raise
         finally:
             end = time.perf_counter()
+            if SCOPE_DISCONNECTED in scope:
+                status = CLIENT_CLOSED
             resolved, error = scope.get(SCOPE_CALL), scope.get(SCOPE_ERROR)
             if resolved is None:
                 labels, version, rows, errors, batch = UNRESOLVED, None, 0, 0, False

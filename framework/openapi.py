@@ -77,6 +77,7 @@ def _operation(name: str, manifest: dict[str, Any], branch_param: bool) -> dict[
     answers = {str(s): {"description": d, "content": {"application/json": {"schema": ERROR}}}
                for s, d in ((400, "malformed body"), (401, "missing or invalid API key"),
                             (403, "API key not allowed here"), (404, "unknown deployment or ref"),
+                            (408, "body not sent within server.body_timeout_seconds"),
                             (413, "body too large"), (422, "the function raised"),
                             (503, "over capacity; see Retry-After"), (504, "past its time limit"))}
     answers["200"] = {"description": "results", "content": {"application/json": {"schema": {

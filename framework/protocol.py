@@ -15,7 +15,12 @@ from typing import Any, Callable
 
 import orjson
 
-from framework.errors import BadRequest
+from framework.errors import BadRequest, PayloadTooLarge
+
+# Bodies over this many bytes are parsed on a thread, not on the event loop: parsing
+# takes time in proportion to the size, and on the loop a body of tens of megabytes
+# stalled every other request for seconds.
+LARGE_BODY = 1 << 20
 
 
 @dataclass
@@ -64,29 +69,51 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def long_int_possible(body: bytes) -> bool:
+    """Whether `body` has 19 digits in a row: an integer orjson may not read exactly."""
+    return _LONG_RUN in body.translate(_DIGITS)  # 0.2 us a one-row body, 60 us a 100 kB one
+
+
 def _loads(body: bytes) -> Any:
     """orjson's reading of `body`, or Python's, where it may hold an integer beyond 64 bits:
     refused, rather than read as a float (a changed id, a wrong result)."""
-    if _LONG_RUN not in body.translate(_DIGITS):  # 0.2 us a one-row body, 60 us a 100 kB one
+    if not long_int_possible(body):
         return orjson.loads(body)
     return json.loads(body, parse_int=_int64, parse_constant=_constant)
 
 
-def parse(body: bytes) -> Call:
-    """Parse a request body, whatever its Content-Type said."""
+def parse(body: bytes, max_rows: int | None = None) -> Call:
+    """Parse a request body, whatever its Content-Type said; a batch of more than
+    `max_rows` rows raises PayloadTooLarge."""
+    return call_from(document(body), max_rows)
+
+
+def document(body: bytes) -> dict[str, Any]:
+    """The body's JSON object, which has a "data" key; else BadRequest."""
     try:
         doc = _loads(body)
+    except RecursionError:  # Python's json recurses once per level; orjson stops at 1,024
+        raise _too_deep() from None
     except ValueError as exc:  # orjson's and json's JSONDecodeError, a UnicodeDecodeError
+        if "depth limit" in str(exc) or "recursion" in str(exc).lower():
+            raise _too_deep() from None
         raise BadRequest(
             f'request body is not valid JSON ({exc}); send {{"data": ...}}'
         ) from None
     if not isinstance(doc, dict) or "data" not in doc:
         raise BadRequest('request body must be a JSON object with a "data" key, e.g. {"data": [[1, 10]]}')
+    return doc
+
+
+def call_from(doc: dict[str, Any], max_rows: int | None = None,
+              checked: tuple[list[Any], set[type]] | None = None) -> Call:
+    """The call a body's object asks for. `checked`: the ids and their types, from
+    rows already known to be lists with valid, unique ids."""
     data = doc["data"]
     # Most bodies hold `data` alone, with no options to check.
     batch_opt, partial, timeout, later = (None, False, None, None) if len(doc) == 1 else _options(doc)
     is_list = isinstance(data, list)
-    all_lists = is_list and set(map(type, data)) <= {list}
+    all_lists = is_list and (checked is not None or set(map(type, data)) <= {list})
     if batch_opt is None:
         batch = all_lists
     elif batch_opt and not is_list:
@@ -95,11 +122,24 @@ def parse(body: bytes) -> Call:
         batch = batch_opt
     if not batch:
         return _answered_later(Call(False, data, [], [], partial, timeout), later)
-    checked = _fast_ids(data) if all_lists else None
+    if max_rows is not None and len(data) > max_rows:
+        raise PayloadTooLarge(
+            f"the batch has {len(data)} rows, over the server's limit of {max_rows} "
+            "(server.max_rows); split it into smaller requests"
+        )
+    if checked is None and all_lists:
+        checked = fast_ids(data)
     ids, kinds = checked if checked is not None else _checked_ids(data)
     mixed = bool(kinds & {int, float}) and str in kinds
     order = pair_order if mixed else itemgetter(0)
     return _answered_later(Call(True, data, ids, data, partial, timeout, order), later)
+
+
+def _too_deep() -> BadRequest:
+    return BadRequest(
+        "request body is nested too deeply (JSON arrays and objects over about 1,000 levels "
+        "deep are refused); send flatter data"
+    )
 
 
 def _answered_later(call: Call, later: tuple[str | None, bool, str | None] | None) -> Call:
@@ -113,26 +153,26 @@ def _options(doc: dict[str, Any]) -> tuple[bool | None, bool, float | None,
     """The request's `batch`, `partial`, `timeout_seconds` and webhook and format options, checked."""
     batch_opt = doc.get("batch")
     if batch_opt is not None and not isinstance(batch_opt, bool):
-        raise BadRequest(f'"batch" must be true or false, got {batch_opt!r}')
+        raise BadRequest(f'"batch" must be true or false, got {_short(batch_opt)}')
     partial = doc.get("partial", False)
     if not isinstance(partial, bool):
-        raise BadRequest(f'"partial" must be true or false, got {partial!r}')
+        raise BadRequest(f'"partial" must be true or false, got {_short(partial)}')
     timeout = doc.get("timeout_seconds")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
     ):
-        raise BadRequest(f'"timeout_seconds" must be a positive number, got {timeout!r}')
+        raise BadRequest(f'"timeout_seconds" must be a positive number, got {_short(timeout)}')
     webhook = doc.get("response_webhook")
     if webhook is not None and (not isinstance(webhook, str) or not webhook):
-        raise BadRequest(f'"response_webhook" must be a URL string, got {webhook!r}')
+        raise BadRequest(f'"response_webhook" must be a URL string, got {_short(webhook)}')
     ignore = doc.get("response_webhook_ignore_timeout")
     if ignore is not None and not isinstance(ignore, bool):
-        raise BadRequest(f'"response_webhook_ignore_timeout" must be true or false, got {ignore!r}')
+        raise BadRequest(f'"response_webhook_ignore_timeout" must be true or false, got {_short(ignore)}')
     if ignore is not None and webhook is None:
         raise BadRequest('"response_webhook_ignore_timeout" needs a "response_webhook"; add one or drop it')
     fmt = doc.get("response_format")
     if fmt not in (None, "json", "links"):
-        raise BadRequest(f'"response_format" must be "links" or "json", got {fmt!r}')
+        raise BadRequest(f'"response_format" must be "links" or "json", got {_short(fmt)}')
     later = (webhook, bool(ignore), None if fmt == "json" else fmt)
     return batch_opt, partial, timeout, later if webhook is not None or fmt == "links" else None
 
@@ -140,7 +180,7 @@ def _options(doc: dict[str, Any]) -> tuple[bool | None, bool, float | None,
 _ID_TYPES = {int, float, str}
 
 
-def _fast_ids(data: list[list[Any]]) -> tuple[list[Any], set[type]] | None:
+def fast_ids(data: list[list[Any]]) -> tuple[list[Any], set[type]] | None:
     """The ids of rows known to be lists, and their types, checked with C-level
     builtins only; None if unsure.
 
@@ -183,7 +223,10 @@ def _checked_ids(data: list[Any]) -> tuple[list[Any], set[type]]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # repr recurses once per level, as Python's json does
+        return "a value nested too deeply to show"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
