@@ -7,8 +7,9 @@ fetched again rather than unpickled; they are written to a temporary name and
 renamed, so a reader never sees half a file and workers racing to fill the same
 entry cannot corrupt it.
 
-Location: $FRAMEWORK_CACHE_DIR, else $XDG_CACHE_HOME/framework/artifacts, else
-~/.cache/framework/artifacts. In Kubernetes point it at an `emptyDir`.
+Location: $FRAMEWORK_CACHE_DIR/artifacts, else $XDG_CACHE_HOME/framework/artifacts,
+else ~/.cache/framework/artifacts (environments live beside it, under `envs/`). In
+Kubernetes point $FRAMEWORK_CACHE_DIR at an `emptyDir`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 def default_dir() -> Path:
     explicit = os.environ.get("FRAMEWORK_CACHE_DIR")
     if explicit:
-        return Path(explicit)
+        return Path(explicit) / "artifacts"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "framework" / "artifacts"
 

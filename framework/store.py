@@ -48,6 +48,7 @@ MAX_BRANCH_CHARS = 200
 # between its mkdir and its lock) are removed only once this old.
 STALE_STAGING_S = 3600
 OWNER = ".owner"
+NEW = ".new"
 
 
 def check_branch(branch: object) -> str:
@@ -273,6 +274,13 @@ class LocalStore(Store):
         """
         cutoff = time.time() - STALE_STAGING_S
         for entry in os.scandir(self.root / ".staging"):
+            if entry.name.endswith(NEW):  # being set up: its owner has no lock yet, age tells
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                except FileNotFoundError:
+                    pass
+                continue
             try:
                 with open(os.path.join(entry.path, OWNER), "rb") as owner:
                     try:
@@ -297,9 +305,13 @@ class LocalStore(Store):
         stage = self.root / ".staging" / uuid.uuid4().hex
         owner = None
         try:
-            stage.mkdir()
-            owner = open(stage / OWNER, "wb")
+            # Set up under another name, so that no cleaner finds the directory before its
+            # owner lock is held (between creating `.owner` and locking it, say).
+            new = stage.with_name(stage.name + NEW)
+            new.mkdir()
+            owner = open(new / OWNER, "wb")
             fcntl.flock(owner, fcntl.LOCK_EX)
+            os.rename(new, stage)
             _write(stage / "artifact.pkl", artifact)
             target.mkdir(parents=True, exist_ok=True)
             version = (self.latest(branch, name) or 0) + 1
@@ -320,6 +332,7 @@ class LocalStore(Store):
             if owner is not None:
                 owner.close()
             shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(stage.with_name(stage.name + NEW), ignore_errors=True)
         _fsync_dir(target)
         return version
 

@@ -77,4 +77,4 @@ def test_the_cli_and_a_server_from_an_empty_directory_on_s3(moto: MotoServer, tm
     finally:
         server.stop()
     sha = shown["sha256"]
-    assert (machine / "cache" / sha[:2] / sha).is_file()  # the server kept what it downloaded
+    assert (machine / "cache" / "artifacts" / sha[:2] / sha).is_file()  # the server kept what it downloaded
