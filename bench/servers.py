@@ -90,10 +90,13 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def bare(port: int, probe: str, body: bytes, workers: int = 1) -> Server:
+def bare(port: int, probe: str, body: bytes, workers: int = 1, safe: bool = False) -> Server:
+    """bench/bare_app.py: *bare-inline*, or with `safe` *bare-safe* (the work in Starlette's
+    thread pool)."""
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
-    return Server("bare", [sys.executable, str(BENCH / "bare_app.py"), str(port), str(workers)],
-                  env=env, cwd=BENCH, probe=probe, body=body, port=port)
+    argv = [sys.executable, str(BENCH / "bare_app.py"), str(port), str(workers)] + ["--safe"] * safe
+    return Server("bare-safe" if safe else "bare-inline", argv, env=env, cwd=BENCH, probe=probe,
+                  body=body, port=port)
 
 
 def ours(port: int, store: Path, probe: str, body: bytes, workers: int = 1,
