@@ -319,58 +319,52 @@ def table(got: dict[str, Results], versions: int) -> str:
 
 NOTES = """## How to read it
 
-- wrk and the server share the machine's cores, so compare ratios within one
-  run, not absolute figures across runs. The ratio column is the median of
-  each pass's ratio, and each server goes first in every other pass, so that
-  a drift in the machine's speed during a run favours neither. On a shared
-  machine the ratios of the single-row cases still move by about 0.05 to 0.1
-  from run to run.
-- Both servers run uvicorn with httptools and uvloop (what `uvicorn[standard]`
-  adds); the bare app is the floor of any framework's cost on that stack.
-- The main rows run ours with its defaults: metrics and the access log on,
-  and sync calls measured under 2 ms of CPU time (`inline_budget_ms: 2`) run
-  on the event loop itself, as the bare app runs every call; a watchdog stops
-  one that uses twice that and runs it again on the version's threads
-  (`framework/preempt.py`). The rows with settings in backquotes show what the
-  metrics and log cost, and what the earlier defaults gave: every call on the
-  version's threads with the loop waiting for those measured cheap
-  (`inline_budget_ms: 0`), or not waiting (`wait_budget_ms: 0` as well). The
-  difference is the thread handoff: in CPython the loop thread and the call's
-  thread trade the GIL, several context switches per call.
-- Large batches: a call expected to fit the budget (a 10,000-row doubler
-  batch does) runs on the loop; a longer one runs on its thread while the
-  loop serves other requests, and the two share the GIL. The bare app runs
-  everything on the loop, stalling other requests meanwhile. These rows move
-  most between runs.
+docs/performance.md says how to run the harness and what each row means; in short:
+
+- Three servers serve the same doubler: *bare-inline* (a bare Starlette app
+  calling the function on its event loop, the cheapest design and the unsafe
+  one: a slow or blocking call stalls every request), *bare-safe* (the same
+  app running the work with `await run_in_threadpool(...)`, Starlette's own
+  way for sync code) and ours. Ours' main rows run its default mode, each
+  call on its version's own thread, so bare-safe is the fair reference for
+  them; `inline=True` (on the event loop) is held to bare-inline.
+- wrk and the servers share the machine's cores, so compare ratios within one
+  run, not absolute figures across runs. A ratio is the median of the passes'
+  ratios, and the order of the servers reverses in every other pass, so that
+  a drift in the machine's speed during a run favours none of them.
+- All servers run uvicorn with httptools and uvloop (what `uvicorn[standard]`
+  adds), with TCP_NODELAY on every connection (`framework/server.py`).
 - `framework serve` tunes CPython's garbage collector (`framework/server.py`):
   what exists once the app is built is frozen, and the youngest objects are
-  collected every 10,000 new ones, not 700. A 10,000-row request allocates
-  some 30,000 objects; with the defaults, which the bare app keeps as a
-  hand-written endpoint would, the collections they set off took about a
-  quarter of such a request's time. That is why ours can beat the bare app on
-  large batches; without the tuning the 10,000-row ratio was 0.68-0.89 in
-  runs the same day.
-- The model (`bench/models.py`) is a float32 MLP over four standardized
-  features with four hidden layers of 64 units: about 25 us per one-row call,
-  mostly numpy's per-call overhead, and about 1.4 ms per 1,000-row call. Its
-  row-by-row cost dominates the framework's own, which makes it a fair test
-  of vectorizing; a cheaper model would measure JSON parsing instead. The
-  vectorized figure is bounded by what every row costs around the model
-  (HTTP and JSON parsing, ids, the answer's encoding), so the end-to-end gain
-  is well under the model's own (about 25x in-process).
-- Micro-batching gathers concurrent requests into one call (`max_wait_ms=0`:
-  requests queue up on their own while a call runs, and a wait would only add
-  latency). Each request still pays its own HTTP and JSON cost; what
-  gathering saves is the model's per-call cost, 25 us in a tight loop and
-  more inside a busy server. Gathered calls measured cheap run on the event
-  loop, as one-row calls do; handing each to a thread had cost more than it
-  saved. It shows more with models whose per-call cost is larger.
+  collected every 10,000 new ones, not 700; the bare apps keep the defaults,
+  as a hand-written endpoint would. It shows most on large batches.
+- Ours answers a request in one hop to the version's thread, its answer
+  encoded there; calls that queue while one runs are taken in turn by the
+  same thread and answered in one wake-up of the loop
+  (`framework/threads.py`). Starlette's thread pool hands every call to a
+  thread and back on its own, through anyio.
+- `isolation="process"` sends each call (parsed rows) to a warm worker
+  process over a pipe and its encoded answer back; calls queued meanwhile
+  travel in one message. Large batches pay for pickling the rows across.
+- Beside a CPU-bound deployment: the doubler is probed at a fixed rate well
+  under capacity (`bench/load.py`'s `paced`), alone, then while a second
+  client (a process of its own) keeps a pure-Python deployment busy, once in
+  a worker process and once on a thread of the server, where it holds the
+  GIL that the event loop needs. On two cores the worker process still takes
+  a core from the server and the load generator.
+- The numpy MLP (`bench/models.py`) costs far more per call than the
+  framework does per row, which makes it a fair test of vectorizing. Our
+  server runs it with one BLAS thread (`OPENBLAS_NUM_THREADS=1`, set by
+  `bench/servers.py`): more gain nothing on its small products and, on two
+  busy cores, spinning BLAS threads slowed vectorized calls several fold.
+- Micro-batching gathers concurrent single-row requests into one call
+  (`max_wait_ms=0`). A failed gathered call fails every request it held:
+  running them again one by one would run the function twice for the rows
+  that had succeeded, so the bad-row line reports how many of the others
+  answered 200 and how many 422, without a target.
 - The workers rows use one wrk thread: two workers and a two-thread wrk
-  would need four cores. Both servers set TCP_NODELAY on every connection
-  (`framework/server.py`): uvicorn's `--workers` mode leaves Nagle's
-  algorithm on, and each answer then waited ~40 ms for a delayed ACK. On 2
-  cores shared with wrk, neither app gains much from a second worker: the
-  cores are already busy.
+  would need four cores. On 2 cores shared with wrk, no server gains much
+  from a second worker.
 """
 
 

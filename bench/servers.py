@@ -103,6 +103,10 @@ def ours(port: int, store: Path, probe: str, body: bytes, workers: int = 1,
          config: Path | None = None) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEWORK_")}
     env["FRAMEWORK_STORE"] = str(store)
+    # One BLAS thread for the numpy model, as one would serve a small model: its 64-wide
+    # products gain nothing from more, and on two cores shared with the load generator
+    # OpenBLAS's spinning threads took most of a vectorized call's time.
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     if config is not None:
         env["FRAMEWORK_CONFIG"] = str(config)
     argv = [sys.executable, "-m", "framework", "serve", "--port", str(port),
