@@ -187,6 +187,8 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
                 into.setdefault("bad_good", []).append(good)
                 into.setdefault("bad_422", []).append(failed)
                 into.setdefault("bad_status", []).append(bad_status)
+                # Every version loaded by now, the worker processes of the isolated ones included.
+                into.setdefault("rss_all", []).append(server.rss_mb())
         finally:
             server.stop()
     # The single-row cases again with the metrics and the access log off: what they cost.
@@ -253,6 +255,8 @@ def table(got: dict[str, Results], versions: int) -> str:
                           f"{ratio('ours', key, 'bare-safe', key):.2f}", target, mark(test(o[key]))))
     lines.append(line("deploy finished to new version served, s", "", "", num(o["deploy"]), "", "",
                       "about 1 s", mark(o["deploy"] <= 1.0)))
+    lines.append(line("RSS after every case (every version loaded, 2 in worker processes), MB",
+                      "", "", num(o["rss_all"]), "", "", "", ""))
 
     lines += ["", "Ours in its other modes, and with the metrics and the access log off, against the "
               "reference each is held to.", "",

@@ -10,7 +10,8 @@ from conftest import REPO, cli_env
 
 # Rows every run prints: the two floors, ours in each execution mode, and the extras.
 ROWS = ("single-row batch", "single call", "1,000-row batches", "10,000-row batches", "p50 latency",
-        "p99 latency", "RSS after load", "start to first answer", "deploy finished",
+        "p99 latency", "RSS after load", "RSS after every case", "start to first answer",
+        "deploy finished",
         "`inline=True`: single-row batch", '`isolation="process"`: single-row batch',
         '`isolation="process"`: 1,000-row batches', "`metrics: false, access_log: false`",
         "| alone |", 'beside `isolation="process"`', "beside the same on a thread",
