@@ -101,8 +101,11 @@ def beside(server: servers.Server, seconds: float, into: Results, tmp: Path) -> 
             hammer = load.Hammer(server.url(other), SPIN, connections=2, seconds=seconds + 1, tmp=tmp)
         try:
             result = load.paced(url, SINGLE, rate=PACED_RATE, seconds=seconds)
-        finally:
-            spun = hammer.result() if hammer is not None else None
+        except BaseException:
+            if hammer is not None:
+                hammer.stop()
+            raise
+        spun = hammer.result() if hammer is not None else None
         if result.errors or (spun is not None and spun.errors):
             raise RuntimeError(f"{server.label}: failed requests beside {other}")
         into.setdefault(f"{key}_p50", []).append(result.p50_ms)
