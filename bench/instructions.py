@@ -12,8 +12,9 @@ counted.
 
 Ours runs in its default mode: each call on its version's own thread, so
 the count includes the handoff to that thread and back (both threads' work
-is counted). The bare apps are *bare-inline* (the function called on the
-event loop) and *bare-safe* (the same work in Starlette's thread pool).
+is counted); and with `inline=True`, on the event loop. The bare apps are
+*bare-inline* (the function called on the event loop) and *bare-safe* (the
+same work in Starlette's thread pool).
 
 Under valgrind the clock runs some fifty times slower than the code would, so
 work done per unit of time (re-reading `latest` and the API keys, formatting
@@ -36,20 +37,25 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 BODIES = {"single": b'{"data": [[1, 10]]}', "call": b'{"data": 10}'}
 BARES = ("bare-inline", "bare-safe")
-CONFIGS = {"ours": "server: {}\n", "ours, metrics and log off": "server: {metrics: false, access_log: false}\n"}
+# Ours: (kind, configuration); kind "ours" calls the doubler in the default mode, "ours-inline"
+# its `inline=True` twin.
+CONFIGS = {"ours": ("ours", "server: {}\n"),
+           "ours, metrics and log off": ("ours", "server: {metrics: false, access_log: false}\n"),
+           "ours, `inline=True`": ("ours-inline", "server: {}\n")}
+PATHS = {"ours-inline": "/v1/doubler_inline/latest"}
 WARMUP = 500
 
 
-def _scope(body: bytes) -> dict:
+def _scope(body: bytes, path: str) -> dict:
     return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/doubler/latest", "raw_path": b"/v1/doubler/latest",
+            "scheme": "http", "path": path, "raw_path": path.encode(),
             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
             "server": ("127.0.0.1", 8000),
             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode())]}
 
 
-async def _requests(app, body: bytes, n: int) -> None:
+async def _requests(app, body: bytes, n: int, path: str = "/v1/doubler/latest") -> None:
     async def receive() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -58,7 +64,7 @@ async def _requests(app, body: bytes, n: int) -> None:
             raise RuntimeError(f"answered {message['status']}")
 
     for _ in range(n):
-        await app(_scope(body), receive, send)
+        await app(_scope(body, path), receive, send)
 
 
 async def _child(kind: str, config: str | None, case: str, n: int) -> None:
@@ -85,10 +91,11 @@ async def _child(kind: str, config: str | None, case: str, n: int) -> None:
         if hasattr(layer, "ring"):
             layer.ring.ttl = 1e9
         layer = getattr(layer, "app", None)
+    path = PATHS.get(kind, "/v1/doubler/latest")
     async with app.router.lifespan_context(app):
-        await _requests(app, BODIES[case], WARMUP)
+        await _requests(app, BODIES[case], WARMUP, path)
         gc.freeze()
-        await _requests(app, BODIES[case], n)
+        await _requests(app, BODIES[case], n, path)
 
 
 def _count(kind: str, config: Path | None, case: str, n: int, store: Path, valgrind: bool = True) -> int:
@@ -122,28 +129,27 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="framework-instructions-") as tmp:
         store = run.make_store(Path(tmp), 1)
-        apps: dict[str, Path | None] = dict.fromkeys(BARES)
-        for label, text in CONFIGS.items():
-            apps[label] = Path(tmp) / f"{len(apps)}.yaml"
-            apps[label].write_text(text)
+        apps: dict[str, tuple[str, Path | None]] = {label: (label, None) for label in BARES}
+        for label, (kind, text) in CONFIGS.items():
+            apps[label] = (kind, Path(tmp) / f"{len(apps)}.yaml")
+            apps[label][1].write_text(text)
         print("| case | " + " | ".join(apps) + " |")
         print("|---|" + "---|" * len(apps))
         if args.check:
-            for label, config in apps.items():
+            for kind, config in apps.values():
                 for case in BODIES:
-                    _count(label if config is None else "ours", config, case, 10, store, valgrind=False)
+                    _count(kind, config, case, 10, store, valgrind=False)
             print("each app answered every case")
             return 0
         for case in BODIES:
             counts = {}
-            for label, config in apps.items():
-                kind = label if config is None else "ours"
+            for label, (kind, config) in apps.items():
                 print(f"counting {label}, {case} ...", file=sys.stderr, flush=True)
                 low = _count(kind, config, case, 0, store)
                 counts[label] = (_count(kind, config, case, args.requests, store) - low) / args.requests
-            # Ours against bare-safe, the floor that also keeps the call off the event loop.
-            safe = counts["bare-safe"]
-            cells = [f"{c:,.0f}" + ("" if label in BARES else f" ({c / safe:.2f}x bare-safe)")
+            inline, safe = counts["bare-inline"], counts["bare-safe"]
+            cells = [f"{c:,.0f}" + ("" if label in BARES else
+                                    f" ({c / inline:.2f}x bare-inline, {c / safe:.2f}x bare-safe)")
                      for label, c in counts.items()]
             print(f"| {case}, instructions per request | " + " | ".join(cells) + " |")
     return 0
