@@ -211,6 +211,10 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
             server.stop()
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
 def num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
 
@@ -309,11 +313,14 @@ def table(got: dict[str, Results], versions: int) -> str:
     r = o["micro_vec"] / o["micro_rows"]
     lines.append(line("numpy MLP, 64 single-row clients, req/s (micro-batched)", num(o["micro_rows"]),
                       num(o["micro_vec"]), f"{r:.2f}x", "a gain (>= 1.1x)", mark(r >= 1.1)))
+    def span(values: list[float]) -> str:
+        low, high = min(values), max(values)
+        return f"{low:.0f}" if low == high else f"{low:.0f} to {high:.0f}"
+
     passes, statuses = len(got["ours"]["bad_good"]), sorted(set(got["ours"]["bad_status"]))
     lines += ["", f"One bad row among 64 concurrent single-row requests to the micro-batched model "
-              f"({passes} passes): of the 63 others, {min(got['ours']['bad_good']):.0f} to "
-              f"{max(got['ours']['bad_good']):.0f} answered 200 with their own result and "
-              f"{min(got['ours']['bad_422']):.0f} to {max(got['ours']['bad_422']):.0f} answered 422 "
+              f"({plural(passes, 'pass')}): of the 63 others, {span(got['ours']['bad_good'])} "
+              f"answered 200 with their own result and {span(got['ours']['bad_422'])} answered 422 "
               f"(a failed micro-batch fails every request it held: running them again would run the "
               f"function twice); the bad one answered {' or '.join(f'{s:.0f}' for s in statuses)}."]
     lines += ["", line("single-row batch, 16 connections, 1 wrk thread, req/s", "1 worker", "2 workers",
@@ -408,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(results).write_text(
             f"# Benchmark results\n\nLast run: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-            f"`{command.strip()}` ({args.passes} passes of {args.seconds:g} s per case, medians).\n\n"
+            f"`{command.strip()}` ({plural(args.passes, 'pass')} of {args.seconds:g} s per case, "
+            f"medians).\n\n"
             f"Machine: {machine()}.\n\n{text}\n\n{NOTES}"
         )
         print(f"written to {results}", file=sys.stderr)
