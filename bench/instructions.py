@@ -1,4 +1,4 @@
-"""Instructions per request, counted by valgrind: the bare app against ours, in-process.
+"""Instructions per request, counted by valgrind: the bare apps against ours, in-process.
 
     python bench/instructions.py                 # about 5 minutes; needs valgrind
     python bench/instructions.py --check         # each app a few requests, no valgrind
@@ -10,10 +10,16 @@ once with `--requests` more requests than the other; the difference, divided
 by that number, is what one request costs. Kernel time (system calls) is not
 counted.
 
+Ours runs in its default mode: each call on its version's own thread, so
+the count includes the handoff to that thread and back (both threads' work
+is counted); and with `inline=True`, on the event loop. The bare apps are
+*bare-inline* (the function called on the event loop) and *bare-safe* (the
+same work in Starlette's thread pool).
+
 Under valgrind the clock runs some fifty times slower than the code would, so
-work done per unit of time (the watchdog's looks, re-reading `latest` and the
-API keys, formatting the log's timestamp) would be counted many times more
-often per request than at full speed: the child turns those off.
+work done per unit of time (re-reading `latest` and the API keys, formatting
+the log's timestamp) would be counted many times more often per request than
+at full speed: the child turns those off.
 """
 
 from __future__ import annotations
@@ -30,20 +36,26 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 BODIES = {"single": b'{"data": [[1, 10]]}', "call": b'{"data": 10}'}
-CONFIGS = {"ours": "server: {}\n", "ours, metrics and log off": "server: {metrics: false, access_log: false}\n"}
+BARES = ("bare-inline", "bare-safe")
+# Ours: (kind, configuration); kind "ours" calls the doubler in the default mode, "ours-inline"
+# its `inline=True` twin.
+CONFIGS = {"ours": ("ours", "server: {}\n"),
+           "ours, metrics and log off": ("ours", "server: {metrics: false, access_log: false}\n"),
+           "ours, `inline=True`": ("ours-inline", "server: {}\n")}
+PATHS = {"ours-inline": "/v1/doubler_inline/latest"}
 WARMUP = 500
 
 
-def _scope(body: bytes) -> dict:
+def _scope(body: bytes, path: str) -> dict:
     return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/doubler/latest", "raw_path": b"/v1/doubler/latest",
+            "scheme": "http", "path": path, "raw_path": path.encode(),
             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
             "server": ("127.0.0.1", 8000),
             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode())]}
 
 
-async def _requests(app, body: bytes, n: int) -> None:
+async def _requests(app, body: bytes, n: int, path: str = "/v1/doubler/latest") -> None:
     async def receive() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -52,25 +64,25 @@ async def _requests(app, body: bytes, n: int) -> None:
             raise RuntimeError(f"answered {message['status']}")
 
     for _ in range(n):
-        await app(_scope(body), receive, send)
+        await app(_scope(body, path), receive, send)
 
 
 async def _child(kind: str, config: str | None, case: str, n: int) -> None:
     import gc
 
-    if kind == "bare":
+    if kind in BARES:
         sys.path.insert(0, str(BENCH))
         import bare_app
 
-        await _requests(bare_app.app, BODIES[case], WARMUP)
+        bare = bare_app.safe_app if kind == "bare-safe" else bare_app.app
+        await _requests(bare, BODIES[case], WARMUP)
         gc.freeze()
-        await _requests(bare_app.app, BODIES[case], n)
+        await _requests(bare, BODIES[case], n)
         return
     from framework import config as cfgmod
-    from framework import accesslog, preempt
+    from framework import accesslog
     from framework.app import create_app
 
-    preempt.PERIOD_S = 1e9
     accesslog.AccessLog.timestamp = lambda self, seconds: b"2026-01-01T00:00:00.000+00:00"  # type: ignore[method-assign]
     app = create_app(cfgmod.load(config))
     app.state.runtime.versions.ttl = 1e9
@@ -79,10 +91,11 @@ async def _child(kind: str, config: str | None, case: str, n: int) -> None:
         if hasattr(layer, "ring"):
             layer.ring.ttl = 1e9
         layer = getattr(layer, "app", None)
+    path = PATHS.get(kind, "/v1/doubler/latest")
     async with app.router.lifespan_context(app):
-        await _requests(app, BODIES[case], WARMUP)
+        await _requests(app, BODIES[case], WARMUP, path)
         gc.freeze()
-        await _requests(app, BODIES[case], n)
+        await _requests(app, BODIES[case], n, path)
 
 
 def _count(kind: str, config: Path | None, case: str, n: int, store: Path, valgrind: bool = True) -> int:
@@ -116,27 +129,27 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="framework-instructions-") as tmp:
         store = run.make_store(Path(tmp), 1)
-        apps: dict[str, Path | None] = {"bare Starlette": None}
-        for label, text in CONFIGS.items():
-            apps[label] = Path(tmp) / f"{len(apps)}.yaml"
-            apps[label].write_text(text)
+        apps: dict[str, tuple[str, Path | None]] = {label: (label, None) for label in BARES}
+        for label, (kind, text) in CONFIGS.items():
+            apps[label] = (kind, Path(tmp) / f"{len(apps)}.yaml")
+            apps[label][1].write_text(text)
         print("| case | " + " | ".join(apps) + " |")
         print("|---|" + "---|" * len(apps))
         if args.check:
-            for label, config in apps.items():
+            for kind, config in apps.values():
                 for case in BODIES:
-                    _count("bare" if config is None else "ours", config, case, 10, store, valgrind=False)
+                    _count(kind, config, case, 10, store, valgrind=False)
             print("each app answered every case")
             return 0
         for case in BODIES:
             counts = {}
-            for label, config in apps.items():
-                kind = "bare" if config is None else "ours"
+            for label, (kind, config) in apps.items():
                 print(f"counting {label}, {case} ...", file=sys.stderr, flush=True)
                 low = _count(kind, config, case, 0, store)
                 counts[label] = (_count(kind, config, case, args.requests, store) - low) / args.requests
-            bare = counts["bare Starlette"]
-            cells = [f"{c:,.0f}" + ("" if label == "bare Starlette" else f" ({c / bare:.2f}x)")
+            inline, safe = counts["bare-inline"], counts["bare-safe"]
+            cells = [f"{c:,.0f}" + ("" if label in BARES else
+                                    f" ({c / inline:.2f}x bare-inline, {c / safe:.2f}x bare-safe)")
                      for label, c in counts.items()]
             print(f"| {case}, instructions per request | " + " | ".join(cells) + " |")
     return 0

@@ -2,19 +2,28 @@
 
 Both keep `connections` keep-alive connections busy for `seconds`, POSTing
 one body, and report requests/s, p50/p99 latency and the non-2xx count.
+`paced` sends at a fixed rate instead, to read the latency of a server that
+is not saturated; `Hammer` loads another endpoint meanwhile, from a process
+of its own (`python bench/load.py URL BODY_FILE CONNECTIONS SECONDS`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import itertools
 import os
 import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import orjson
 
 
 @dataclass
@@ -74,13 +83,33 @@ def _wrk(url: str, body: bytes, connections: int, seconds: float, threads: int) 
 # -- Python fallback ----------------------------------------------------------
 
 
-async def _python(url: str, body: bytes, connections: int, seconds: float) -> Load:
+def _request(url: str, body: bytes) -> tuple[str, int, bytes]:
+    """Host, port and the bytes of one keep-alive POST of `body` to `url`."""
     hostport, _, path = url.removeprefix("http://").partition("/")
     host, _, port = hostport.partition(":")
     request = (
         f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+    return host, int(port), request
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bool:
+    """One request and its answer on an open connection; whether it was a 2xx."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+    await reader.readexactly(length)
+    return head.startswith(b"HTTP/1.1 2")
+
+
+def _summary(latencies: list[float], elapsed: float, errors: int) -> Load:
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return Load(len(latencies) / elapsed, cuts[49] * 1e3, cuts[98] * 1e3, errors)
+
+
+async def _python(url: str, body: bytes, connections: int, seconds: float) -> Load:
+    host, port, request = _request(url, body)
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -94,17 +123,121 @@ async def _python(url: str, body: bytes, connections: int, seconds: float) -> Lo
                 start = time.perf_counter()
                 if start >= deadline:
                     break
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-                await reader.readexactly(length)
+                ok = await _exchange(reader, writer, request)
                 latencies.append(time.perf_counter() - start)
-                errors += not head.startswith(b"HTTP/1.1 2")
+                errors += not ok
         finally:
             writer.close()
 
     started = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(client() for _ in range(connections))), seconds + 30)
-    elapsed = time.perf_counter() - started
-    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return Load(len(latencies) / elapsed, cuts[49] * 1e3, cuts[98] * 1e3, errors)
+    return _summary(latencies, time.perf_counter() - started, errors)
+
+
+# -- paced: a fixed rate, for latency below saturation -------------------------
+
+
+def paced(url: str, body: bytes, *, rate: float, seconds: float, connections: int = 8) -> Load:
+    """`rate` requests/s for `seconds` over `connections` keep-alive connections.
+
+    A closed loop (`run`) keeps the server saturated, so its latency mostly
+    measures the queue; at a fixed rate well under capacity it measures what
+    a request waits for besides its own work (another deployment's CPU, the GIL).
+    Each request's latency counts from when it was sent."""
+    return asyncio.run(_paced(url, body, rate, seconds, connections))
+
+
+async def _paced(url: str, body: bytes, rate: float, seconds: float, connections: int) -> Load:
+    host, port, request = _request(url, body)
+    loop = asyncio.get_running_loop()
+    count = max(2, int(rate * seconds))  # the bound on the requests sent
+    numbers = itertools.count()
+    latencies: list[float] = []
+    errors = 0
+    start_at = loop.time() + 0.05
+
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for i in numbers:
+                if i >= count:
+                    break
+                delay = start_at + i / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent = time.perf_counter()
+                ok = await _exchange(reader, writer, request)
+                latencies.append(time.perf_counter() - sent)
+                errors += not ok
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(connections))), seconds + 30)
+    return _summary(latencies, time.perf_counter() - started, errors)
+
+
+# -- another client, in a process of its own -----------------------------------
+
+
+class Hammer:
+    """Closed-loop load on one endpoint for `seconds`, from a child process, so that
+    the harness can measure another endpoint meanwhile without sharing its GIL."""
+
+    def __init__(self, url: str, body: bytes, *, connections: int, seconds: float, tmp: Path) -> None:
+        self.seconds = seconds
+        body_file = tmp / f"hammer-{os.getpid()}-{time.monotonic_ns()}.json"
+        body_file.write_bytes(body)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, url, str(body_file), str(connections), str(seconds)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        # The child answers "ready" after its first 2xx; its own run is bounded, so is this read.
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.stop()
+            raise RuntimeError(f"the second client did not start on {url}: {line!r}")
+
+    def result(self) -> Load:
+        """Waits (bounded) for the child's own end, and what it measured."""
+        try:
+            out, _ = self.proc.communicate(timeout=self.seconds + 60)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError("the second client did not finish in time") from None
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"the second client failed with code {self.proc.returncode}")
+        return Load(**orjson.loads(out))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _hammer_main(url: str, body_file: str, connections: str, seconds: str) -> int:
+    body = Path(body_file).read_bytes()
+    host, port, _ = _request(url, body)
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request("POST", "/" + url.removeprefix("http://").partition("/")[2], body,
+                 {"Content-Type": "application/json"})
+    answer = conn.getresponse()
+    answer.read()
+    conn.close()
+    if answer.status // 100 != 2:
+        print(f"answered {answer.status}", flush=True)
+        return 1
+    print("ready", flush=True)
+    result = asyncio.run(_python(url, body, int(connections), float(seconds)))
+    print(orjson.dumps(asdict(result)).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_hammer_main(*sys.argv[1:]))

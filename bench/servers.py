@@ -90,16 +90,23 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def bare(port: int, probe: str, body: bytes, workers: int = 1) -> Server:
+def bare(port: int, probe: str, body: bytes, workers: int = 1, safe: bool = False) -> Server:
+    """bench/bare_app.py: *bare-inline*, or with `safe` *bare-safe* (the work in Starlette's
+    thread pool)."""
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
-    return Server("bare", [sys.executable, str(BENCH / "bare_app.py"), str(port), str(workers)],
-                  env=env, cwd=BENCH, probe=probe, body=body, port=port)
+    argv = [sys.executable, str(BENCH / "bare_app.py"), str(port), str(workers)] + ["--safe"] * safe
+    return Server("bare-safe" if safe else "bare-inline", argv, env=env, cwd=BENCH, probe=probe,
+                  body=body, port=port)
 
 
 def ours(port: int, store: Path, probe: str, body: bytes, workers: int = 1,
          config: Path | None = None) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEWORK_")}
     env["FRAMEWORK_STORE"] = str(store)
+    # One BLAS thread for the numpy model, as one would serve a small model: its 64-wide
+    # products gain nothing from more, and on two cores shared with the load generator
+    # OpenBLAS's spinning threads took most of a vectorized call's time.
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     if config is not None:
         env["FRAMEWORK_CONFIG"] = str(config)
     argv = [sys.executable, "-m", "framework", "serve", "--port", str(port),
