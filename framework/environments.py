@@ -193,6 +193,9 @@ class Environments:
         else:
             steps = [[base, "-m", "venv", str(stage)],
                      [str(stage / "bin" / "python"), "-m", "pip", "install", "-q", *extras, *reqs]]
+        # uv trusts the system's certificate store, as pip does: behind a proxy with a
+        # company CA it would otherwise refuse the package index.
+        env = {"UV_SYSTEM_CERTS": "1", "UV_NATIVE_TLS": "1", **os.environ}
         try:
             with open(log_path, "w") as log:
                 log.write(f"requirements: {reqs}\nbase: {base}\n")
@@ -200,7 +203,7 @@ class Environments:
                     log.write(f"$ {' '.join(step)}\n")
                     log.flush()
                     proc = subprocess.run(step, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                          timeout=BUILD_TIMEOUT_S)
+                                          timeout=BUILD_TIMEOUT_S, env=env)
                     if proc.returncode != 0:
                         raise EnvironmentFailed(self._failure(key, reqs, log_path))
             site = subprocess.run([str(stage / "bin" / "python"), "-c",

@@ -34,7 +34,13 @@ def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], No
     pool = ProcessPoolExecutor(max_workers=min(workers, len(parts)) or 1, mp_context=ctx,
                                initializer=_ignore_sigint)
     try:
-        pending: set[Future[dict[str, Any]]] = {pool.submit(run_partition, job, p) for p in parts}
+        # Ctrl-C waits until every partition is submitted: an interrupt landing inside
+        # `submit` could leave the pool's lock taken, and the shutdown below hanging on it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pending: set[Future[dict[str, Any]]] = {pool.submit(run_partition, job, p) for p in parts}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
