@@ -41,7 +41,7 @@ from framework.artifact_cache import SHA_RE, ArtifactCache
 from framework.errors import IntegrityError, NotFound, StoreError
 from framework.registry import NAME_RE
 from framework.s3objects import Bucket
-from framework.store import Store, check_alias, check_branch, check_doc_key, check_place
+from framework.store import Store, check_alias, check_branch, check_doc_key, check_place, move_alias
 
 CAS_TRIES = 200  # compare-and-swap rounds before giving up: only reached under a storm of writers
 CLAIM_TRIES = 1000  # version numbers tried by one publish
@@ -246,13 +246,7 @@ class S3Store(Store):
                 ) from None
 
         def move(doc: dict[str, Any]) -> bool:
-            current = doc.setdefault("aliases", {})
-            if version is None:
-                if alias not in current:
-                    raise NotFound(f"deployment {name!r} has no alias {alias!r} to remove")
-                del current[alias]
-            else:
-                current[alias] = version
+            move_alias(doc.setdefault("aliases", {}), name, alias, version)
             return True
         self._change_refs(dep, move)
 

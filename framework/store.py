@@ -93,6 +93,16 @@ def check_place(manifest: dict[str, Any], branch: str, name: str, version: int) 
     return manifest
 
 
+def move_alias(aliases: dict[str, int], name: str, alias: str, version: int | None) -> None:
+    """Point `alias` at `version` in `aliases`, or remove it when `version` is None."""
+    if version is None:
+        if alias not in aliases:
+            raise NotFound(f"deployment {name!r} has no alias {alias!r} to remove")
+        del aliases[alias]
+    else:
+        aliases[alias] = version
+
+
 def check_alias(alias: object) -> str:
     if not isinstance(alias, str) or alias == "latest" or not ALIAS_RE.match(alias):
         raise StoreError(
@@ -444,12 +454,7 @@ class LocalStore(Store):
         try:
             with self._locked(branch, name) as directory:
                 current = self.aliases(branch, name)
-                if version is None:
-                    if alias not in current:
-                        raise NotFound(f"deployment {name!r} has no alias {alias!r} to remove")
-                    del current[alias]
-                else:
-                    current[alias] = version
+                move_alias(current, name, alias, version)
                 _replace(directory / "aliases.json", mf.dumps(current))
         except OSError as exc:
             raise StoreError(f"cannot write aliases of {name!r} in {self.root}: {os_problem(exc)}") from exc
