@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
@@ -33,16 +34,19 @@ def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], No
     ctx.set_forkserver_preload(["framework.batch.score", "pandas"])
     pool = ProcessPoolExecutor(max_workers=min(workers, len(parts)) or 1, mp_context=ctx,
                                initializer=_ignore_sigint)
+    # Ctrl-C sets a flag that the loop below acts on between waits: a KeyboardInterrupt
+    # raised anywhere (inside `submit`, or `wait` holding the futures' locks) could leave a
+    # lock taken, and the shutdown below hanging on it.
+    interrupted = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-        # Ctrl-C waits until every partition is submitted: an interrupt landing inside
-        # `submit` could leave the pool's lock taken, and the shutdown below hanging on it.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            pending: set[Future[dict[str, Any]]] = {pool.submit(run_partition, job, p) for p in parts}
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        pending: set[Future[dict[str, Any]]] = {pool.submit(run_partition, job, p) for p in parts}
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             for future in done:
                 try:
                     on_done(future.result())
@@ -52,6 +56,8 @@ def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], No
                         "the deployment ended its process (os._exit, a crash, out of memory): "
                         "fix it, or give fewer --workers if memory ran out"
                     ) from None
+        if interrupted.is_set():
+            raise KeyboardInterrupt
     except BaseException:
         # concurrent.futures cannot stop a running task; end its processes (by PID) instead.
         processes = list((getattr(pool, "_processes", None) or {}).values())
@@ -63,4 +69,7 @@ def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], No
             if proc.is_alive():
                 proc.kill()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     pool.shutdown()
