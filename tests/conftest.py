@@ -41,6 +41,17 @@ def run_cli(*args: str, store: Path | str, cwd: Path = REPO, check: bool = True,
     return proc
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a process started by a test, by its PID: terminate, then kill if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class Server:
     """`framework serve` in a subprocess on a free loopback port, stopped by its PID."""
 
@@ -86,13 +97,7 @@ class Server:
         return httpx.post(self.url + path, content=body, timeout=60, **kw)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import free_port
+from conftest import free_port, stop_process
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -59,13 +59,7 @@ class MotoServer:
         return name
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._log.close()
 
 

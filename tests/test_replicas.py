@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import framework
-from conftest import Server, free_port
+from conftest import Server, free_port, stop_process
 from framework import auth
 from framework.store import open_store
 from moto_server import MotoServer
@@ -101,13 +101,7 @@ backend replicas
         return sum(s.startswith("UP") for s in self.status().values())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.log.close()
 
 
