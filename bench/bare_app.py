@@ -52,7 +52,7 @@ safe_app = Starlette(routes=[Route("/v1/{name}/{ref}", infer_safe, methods=["POS
 if __name__ == "__main__":
     import uvicorn
 
-    from framework.server import HTTPProtocol
+    from framework.serve.server import HTTPProtocol
 
     args = [a for a in sys.argv[1:] if a != "--safe"]
     safe = "--safe" in sys.argv[1:]
@@ -60,6 +60,6 @@ if __name__ == "__main__":
     name = "safe_app" if safe else "app"
     target = f"bare_app:{name}" if workers > 1 else (safe_app if safe else app)
     # uvicorn's protocol with TCP_NODELAY, as `framework serve` runs: with plain
-    # `--workers` any app answers about 40 ms late (see framework/server.py).
+    # `--workers` any app answers about 40 ms late (see framework/serve/server.py).
     uvicorn.run(target, host="127.0.0.1", port=port, workers=workers, log_level="warning",
                 http=HTTPProtocol)

@@ -95,11 +95,13 @@ def run_batch(work: Path, name: str, engine: str, workers: int, out: str) -> dic
 SINGLE = '''
 import sys, time
 import pyarrow as pa, pyarrow.parquet as pq
-from framework import config, packaging
+from framework import config
+from framework.build import packing
+from framework.execute import loading
 cfg = config.load()
 store = cfg.open_store()
 v = store.resolve("main", "cpu", "latest")
-fn = packaging.load(store.read_artifact("main", "cpu", v), store.read_manifest("main", "cpu", v)).fn
+fn = loading.load(store.read_artifact("main", "cpu", v), store.read_manifest("main", "cpu", v)).fn
 t0, c0 = time.perf_counter(), time.process_time()
 rows = 0
 with pq.ParquetWriter("single.parquet", pa.schema([("row", pa.int64()), ("result", pa.int64())])) as w:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import cloudpickle
 
-from framework.environments import Environments
-from framework.isolation import ProcessLane
+from framework.execute.environments import Environments
+from framework.execute.isolation import ProcessLane
 from framework.protocol import parse
-from framework.runner import Runner
+from framework.execute.runner import Runner
 
 
 def intcomma(x: int) -> str:

@@ -127,8 +127,9 @@ async def _loop_gaps(parse, body: bytes, on_loop: bool) -> tuple[float, float]:
 def parse_only(body: bytes, runs: int) -> None:
     import uvloop
 
-    from framework import bigbody, protocol
-    from framework.server import tune_gc
+    from framework.serve import bigbody
+    from framework import protocol
+    from framework.serve.server import tune_gc
 
     tune_gc()
     ways = (("protocol.parse on the loop", protocol.parse, True),

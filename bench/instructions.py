@@ -80,8 +80,8 @@ async def _child(kind: str, config: str | None, case: str, n: int) -> None:
         await _requests(bare, BODIES[case], n)
         return
     from framework import config as cfgmod
-    from framework import accesslog
-    from framework.app import create_app
+    from framework.serve import accesslog
+    from framework.serve.app import create_app
 
     accesslog.AccessLog.timestamp = lambda self, seconds: b"2026-01-01T00:00:00.000+00:00"  # type: ignore[method-assign]
     app = create_app(cfgmod.load(config))

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=16)
     args = p.parse_args(argv)
     import framework
-    from framework import auth
+    from framework.serve import auth
     from framework.store import open_store
 
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp:

@@ -35,7 +35,7 @@ import models
 import servers
 
 import framework
-from framework.packaging import pack
+from framework.build.packing import pack
 from framework.store import open_store
 
 SINGLE = b'{"data": [[1, 10]]}'
@@ -347,15 +347,15 @@ docs/performance.md says how to run the harness and what each row means; in shor
   ratios, and the order of the servers reverses in every other pass, so that
   a drift in the machine's speed during a run favours none of them.
 - All servers run uvicorn with httptools and uvloop (what `uvicorn[standard]`
-  adds), with TCP_NODELAY on every connection (`framework/server.py`).
-- `framework serve` tunes CPython's garbage collector (`framework/server.py`):
+  adds), with TCP_NODELAY on every connection (`framework/serve/server.py`).
+- `framework serve` tunes CPython's garbage collector (`framework/serve/server.py`):
   what exists once the app is built is frozen, and the youngest objects are
   collected every 10,000 new ones, not 700; the bare apps keep the defaults,
   as a hand-written endpoint would. It shows most on large batches.
 - Ours answers a request in one hop to the version's thread, its answer
   encoded there; calls that queue while one runs are taken in turn by the
   same thread and answered in one wake-up of the loop
-  (`framework/threads.py`). Starlette's thread pool hands every call to a
+  (`framework/execute/threads.py`). Starlette's thread pool hands every call to a
   thread and back on its own, through anyio.
 - `isolation="process"` sends each call (parsed rows) to a warm worker
   process over a pipe and its encoded answer back; calls queued meanwhile

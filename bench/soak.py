@@ -33,7 +33,7 @@ from typing import Any, Callable
 import httpx
 
 import framework
-from framework import auth
+from framework.serve import auth
 from framework.store import open_store
 
 GRACE_S = 1.5  # the server re-reads latest and aliases every 0.5 s

@@ -8,11 +8,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 from framework.errors import FrameworkError, InferenceError
-from framework.registry import Deployment, deployment, register
+from framework.build.registry import Deployment, deployment, register
 
 # Loaded on first use: the client pulls in httpx, the deployer cloudpickle and
 # git helpers, and `framework serve` starts about 0.4 s sooner without them.
-_LAZY = {"get_inference": "framework.client", "deploy": "framework.publish"}
+_LAZY = {"get_inference": "framework.client", "deploy": "framework.build.publish"}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,9 +17,9 @@ import sys
 from typing import Any, Callable
 
 from framework import config as cfgmod
-from framework import lifecycle
-from framework import manifest as mf
-from framework import registry
+from framework.build import releases
+from framework.store import manifest as mf
+from framework.build import registry
 from framework.errors import (
     ConfigError,
     FrameworkError,
@@ -29,8 +29,8 @@ from framework.errors import (
     StoreDamaged,
     StoreError,
 )
-from framework.publish import Result
-from framework.store import Store
+from framework.build.publish import Result
+from framework.store.base import Store
 
 EXIT_CODES: dict[type[FrameworkError], int] = {
     ConfigError: 2,
@@ -86,7 +86,7 @@ def _size(n: int) -> str:
 
 
 def cmd_deploy(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
-    from framework.publish import import_modules, publish_all, roots_of
+    from framework.build.publish import import_modules, publish_all, roots_of
 
     if cfg.path is None:
         raise ConfigError(
@@ -94,7 +94,7 @@ def cmd_deploy(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
             f"directory, or pass --config PATH (or set $FRAMEWORK_CONFIG); {cfgmod.CONFIG_NAME} "
             "lists the modules to deploy, e.g.  modules: [deployments]"
         )
-    branch = lifecycle.deploy_branch(args.branch, cfg)
+    branch = releases.deploy_branch(args.branch, cfg)
     import_modules(cfg)
     deps = list(registry.registered().values())
     if not deps:
@@ -102,7 +102,7 @@ def cmd_deploy(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
             f"{cfg.path or cfgmod.CONFIG_NAME}: modules {cfg.modules} define no @deployment functions"
         )
     store = cfg.open_store()
-    if cfg.aliases and not lifecycle.pins_for(cfg, branch):
+    if cfg.aliases and not releases.pins_for(cfg, branch):
         print(f"note: the aliases in {cfg.path} apply to branch {cfg.branch!r}, not {branch!r}",
               file=sys.stderr)
     print(f"packaging {len(deps)} deployment(s) for branch {branch!r} into {cfg.store}"
@@ -110,16 +110,16 @@ def cmd_deploy(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
 
     def record(r: Result) -> None:
         # Streamed, so a pipeline keeps the records of what was published before a failure.
-        print(json.dumps({**r.as_dict(), "url": lifecycle.url_of(cfg, r)}), flush=True)
+        print(json.dumps({**r.as_dict(), "url": releases.url_of(cfg, r)}), flush=True)
 
     names = [d.name for d in deps]
     results = publish_all(
         store, deps, branch=branch, roots=roots_of(cfg), dry_run=args.dry_run,
         on_result=record if args.json else None,
-        before_publish=lambda changed: lifecycle.check_pins(cfg, store, branch, names, changed),
+        before_publish=lambda changed: releases.check_pins(cfg, store, branch, names, changed),
     )
     if not args.dry_run:
-        for name, alias, version in lifecycle.apply_pins(cfg, store, branch):
+        for name, alias, version in releases.apply_pins(cfg, store, branch):
             print(f"alias {alias} of {name} -> v{version} (pinned in {cfg.path})", file=sys.stderr)
     if not args.json:
         print(_table(
@@ -145,7 +145,7 @@ def _check_port(host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     import uvicorn
 
-    from framework.server import HTTPProtocol
+    from framework.serve.server import HTTPProtocol
 
     s = cfg.server
     host, port = args.host or s["host"], args.port or s["port"]
@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     print(f"serving store {cfg.store} on http://{host}:{port} ({workers} worker(s))",
           file=sys.stderr)
     if workers == 1:
-        from framework.app import serving_app
+        from framework.serve.app import serving_app
 
         uvicorn.run(serving_app(cfg), host=host, port=port, log_level=args.log_level,
                     http=HTTPProtocol, access_log=not s["access_log"],
@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
         if cfg.path:
             os.environ["FRAMEWORK_CONFIG"] = str(cfg.path)
         os.environ["FRAMEWORK_STORE"] = cfg.store
-        uvicorn.run("framework.app:app_from_env", factory=True, host=host, port=port,
+        uvicorn.run("framework.serve.app:app_from_env", factory=True, host=host, port=port,
                     workers=workers, log_level=args.log_level, http=HTTPProtocol,
                     access_log=not s["access_log"], root_path=root_path)
     return 0
@@ -197,7 +197,7 @@ def cmd_versions(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
         git = m.get("git") or {}
         rows.append([v, m["created_at"], _size(m["size"]), m["sha256"][:12],
                      (git.get("commit") or "")[:10] or None, git.get("branch"), git.get("author"),
-                     lifecycle.origin_of(m)])
+                     releases.origin_of(m)])
     print(_table(rows, ["VERSION", "CREATED", "SIZE", "SHA256", "COMMIT", "GIT BRANCH", "AUTHOR",
                         "ORIGIN"]))
     return 0
@@ -222,8 +222,8 @@ def cmd_alias(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
         print(_table([list(kv) for kv in found], ["ALIAS", "VERSION"]) if found else
               f"{where} has no aliases; add one with `framework alias set {args.name} ALIAS VERSION`")
         return 0
-    alias = lifecycle.alias_name(args.alias)
-    if alias in lifecycle.pins_for(cfg, branch).get(args.name, {}):
+    alias = releases.alias_name(args.alias)
+    if alias in releases.pins_for(cfg, branch).get(args.name, {}):
         print(f"note: {cfg.path} pins {alias!r}; the next `framework deploy` puts it back",
               file=sys.stderr)
     if args.action == "rm":
@@ -241,26 +241,26 @@ def _now_runs(store: Store, result: Result) -> None:
     m = store.read_manifest(result.branch, result.name, result.version)
     commit = ((m.get("git") or {}).get("commit") or "")[:10]
     print(f"{result.name} on branch {result.branch!r}: {result.status}; latest is now "
-          f"v{result.version} ({lifecycle.origin_of(m) or 'as deployed'}, sha256 "
+          f"v{result.version} ({releases.origin_of(m) or 'as deployed'}, sha256 "
           f"{result.sha256[:12]}{f', commit {commit}' if commit else ''})")
 
 
 def cmd_promote(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     store = cfg.open_store()
-    _now_runs(store, lifecycle.promote(store, args.name, src=args.from_branch,
+    _now_runs(store, releases.promote(store, args.name, src=args.from_branch,
                                        dst=args.to or cfg.branch, ref=args.version))
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     store = cfg.open_store()
-    _now_runs(store, lifecycle.rollback(store, args.name, branch=args.branch or cfg.branch,
+    _now_runs(store, releases.rollback(store, args.name, branch=args.branch or cfg.branch,
                                         to=args.to))
     return 0
 
 
 def cmd_keys(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
-    from framework import auth
+    from framework.serve import auth
 
     store = cfg.open_store()
     if args.action == "create":
@@ -281,7 +281,7 @@ def cmd_keys(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
 
 
 def cmd_build(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
-    from framework.environments import Environments, build_all, wanted
+    from framework.execute.environments import Environments, build_all, wanted
 
     s = cfg.server
     envs = Environments(s["env_dir"] or None, s["pythons"])

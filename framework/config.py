@@ -133,7 +133,7 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
 
 def _check_aliases(path: Path | None, raw: Any) -> dict[str, dict[str, int]]:
     # Imported here, as in Config.open_store: the store module pulls in manifest and registry.
-    from framework.store import check_alias
+    from framework.store.names import check_alias
 
     if raw is None:
         return {}

@@ -1,7 +1,7 @@
 """The framework's exceptions.
 
 Every message ends with what to do about it. HTTP status codes are *not*
-decided here: `framework.app` maps these classes to statuses in one table.
+decided here: `framework.serve.answers` maps these classes to statuses in one table.
 """
 
 from __future__ import annotations

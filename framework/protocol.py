@@ -37,7 +37,7 @@ class Call:
     order: Callable[[Any], Any] = itemgetter(0)
     # Rows that failed, set by the runner once a batch has run (for metrics and logs).
     failed: int = 0
-    # Modelbit's asynchronous and large-answer options (framework.jobs, framework.links).
+    # Modelbit's asynchronous and large-answer options (framework.serve.jobs, framework.serve.links).
     webhook: str | None = None
     webhook_ignore_timeout: bool = False
     response_format: str | None = None

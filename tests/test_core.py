@@ -16,9 +16,9 @@ import pytest
 from conftest import REPO, cli_env, run_cli
 
 import framework
-from framework import registry
+from framework.build import registry
 from framework.errors import RegistryError
-from framework.store import LocalStore
+from framework.store.local import LocalStore
 
 
 def make_project(root: Path, files: dict[str, str], modules: list[str]) -> Path:
@@ -42,8 +42,8 @@ def run_python(code: str, *, cwd: Path, store: Path | None = None, timeout: floa
 
 LOAD_AND_CALL = """
     import importlib.util, json, sys
-    from framework.packaging import load
-    from framework.store import LocalStore
+    from framework.execute.loading import load
+    from framework.store.local import LocalStore
     assert importlib.util.find_spec("deployments") is None, "the project must not be importable here"
     store = LocalStore(sys.argv[1] if len(sys.argv) > 1 else {store!r})
     branch, name, ref, args = {branch!r}, {name!r}, {ref!r}, {args!r}
@@ -370,13 +370,13 @@ def test_deploying_a_decorated_function_keeps_its_options(tmp_path):
     store = tmp_path / "store"
     out = run_python("""
         import framework
-        from framework.store import LocalStore
+        from framework.store.local import LocalStore
 
         @framework.deployment(vectorized=True, max_batch_rows=8, python_packages=["numpy"])
         def vscore(x):
             return [2 * v for v in x]
 
-        print(framework.deploy(vscore, name="renamed"), vscore.deploy())
+        print(framework.deploy(vscore, name="renamed"), framework.deploy(vscore))
         s = LocalStore(framework.config.load().store)
         for name in ("renamed", "vscore"):
             o = s.read_manifest("main", name, 1)["options"]

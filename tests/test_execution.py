@@ -12,8 +12,8 @@ import pytest
 from framework import deployment
 from framework.errors import CallTimeout, RegistryError, RowsFailed
 from framework.protocol import parse
-from framework.runner import Runner
-from framework.threads import Lane
+from framework.execute.runner import Runner
+from framework.execute.threads import Lane
 
 
 def _runner(fn: Callable[..., Any], **options: Any) -> Runner:

@@ -14,10 +14,10 @@ import orjson
 import pytest
 
 import framework
-from framework import auth
+from framework.serve import auth
 from conftest import REPO, Server, cli_env, run_cli
 from framework.errors import FrameworkError, RegistryError, StoreError
-from framework.store import LocalStore
+from framework.store.local import LocalStore
 
 
 def echo(x: int) -> int:

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from conftest import Server, run_cli
 from framework import config as cfgmod
-from framework import bigbody, protocol
+from framework.serve import bigbody
+from framework import protocol
 from framework.errors import BadRequest, ConfigError, PayloadTooLarge
 
 PATH = "/v1/example_doubler/latest"
@@ -360,7 +361,7 @@ def test_a_big_batch_is_cut_into_pieces_and_read_right():
 def test_body_deadlines_cancel_only_reads_past_their_deadline():
     import asyncio
 
-    from framework.intake import BodyDeadlines
+    from framework.serve.intake import BodyDeadlines
 
     async def main() -> None:
         deadlines = BodyDeadlines(0.05)

@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 
 from conftest import Server, cli_env, run_cli
-from framework import signing
+from framework.store import signing
 
 MODULE = '''\
 import os

@@ -249,7 +249,7 @@ def test_soak_harness_runs_clean_for_a_few_seconds():
 def test_a_serving_process_tunes_its_garbage_collector() -> None:
     """`framework serve` freezes what exists once its app is built and collects less
     often; in a process of its own here, not to change the test runner's."""
-    code = ("import gc; from framework.server import GC_YOUNGEST, tune_gc; before = gc.get_threshold(); "
+    code = ("import gc; from framework.serve.server import GC_YOUNGEST, tune_gc; before = gc.get_threshold(); "
             "tune_gc(); print(gc.get_threshold() == (GC_YOUNGEST, *before[1:]), gc.get_freeze_count() > 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == ["True", "True"]

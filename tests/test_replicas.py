@@ -23,7 +23,7 @@ import pytest
 
 import framework
 from conftest import Server, free_port, stop_process
-from framework import auth
+from framework.serve import auth
 from framework.store import open_store
 from moto_server import MotoServer
 

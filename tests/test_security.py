@@ -16,9 +16,9 @@ import pytest
 
 import framework
 from conftest import Server, run_cli
-from framework import manifest as mf
-from framework import signing
-from framework.store import LocalStore
+from framework.store import manifest as mf
+from framework.store import signing
+from framework.store.local import LocalStore
 
 KEY_A = "a" * 16 + "-signing-key-A"
 KEY_B = "b" * 16 + "-signing-key-B"

@@ -23,9 +23,11 @@ from typing import Iterator
 import pytest
 
 from conftest import REPO
-from framework.artifact_cache import ArtifactCache
+from framework.store.artifact_cache import ArtifactCache
 from framework.errors import NotFound, StoreError
-from framework.store import LocalStore, Store, open_store
+from framework.store.local import LocalStore
+from framework.store.base import Store
+from framework.store import open_store
 from moto_server import MotoServer, use_endpoint
 
 pytest.importorskip("boto3")  # the dev extra installs it; without it only local stores exist
@@ -230,7 +232,7 @@ def test_publishers_killed_at_random_moments_leave_no_half_version(store: Store,
 @pytest.fixture
 def s3(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     use_endpoint(monkeypatch, moto)
-    from framework.s3store import S3Store
+    from framework.store.s3 import S3Store
 
     return S3Store(moto.new_bucket(), "p", cache=ArtifactCache(tmp_path / "cache"))
 
@@ -328,7 +330,7 @@ def test_a_server_that_ignores_conditional_writes_is_refused(s3: Store) -> None:
 
 DIE_BEFORE_LATEST = textwrap.dedent("""
     import hashlib, os, sys
-    from framework.s3store import S3Store
+    from framework.store.s3 import S3Store
     from framework.store import open_store
     S3Store._advance = lambda self, dep, version: os._exit(9)  # killed right after the claim
     store = open_store(sys.argv[1])

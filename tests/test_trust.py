@@ -22,7 +22,7 @@ import yaml
 
 import framework
 from conftest import REPO, Server, cli_env, free_port, run_cli
-from framework.store import LocalStore
+from framework.store.local import LocalStore
 
 KEY = "k" * 16 + "-trust-signing-key"
 IDLE_S = 2.5  # no request at all, longer than any cache's former time to live
@@ -140,7 +140,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from framework.app import create_app
+from framework.serve.app import create_app
 
 inner = create_app()
 
@@ -235,7 +235,7 @@ def test_the_store_signs_the_version_it_claims(tmp_path, monkeypatch):
     assert framework.deploy(quadruple, name="triple", store=str(store)) == 2
     m = LocalStore(store).read_manifest("main", "triple", 2)
     assert m["version"] == 2 and m["signed"]["format"] == 2
-    from framework import signing
+    from framework.store import signing
 
     artifact = LocalStore(store).read_artifact("main", "triple", 2)
     signing.verify(artifact, m, KEY.encode())

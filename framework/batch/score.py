@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from framework import packaging
+from framework.execute import loading
 from framework.batch import io
 from framework.errors import FrameworkError, IntegrityError, LoadFailed
 from framework.protocol import error_text
@@ -55,10 +55,10 @@ class Job:
         return list(dict.fromkeys(wanted))
 
 
-_loaded: dict[tuple[str, str, str, int, str], packaging.Loaded] = {}
+_loaded: dict[tuple[str, str, str, int, str], loading.Loaded] = {}
 
 
-def load(job: Job) -> packaging.Loaded:
+def load(job: Job) -> loading.Loaded:
     """The job's version, loaded once per process, refused unless its sha256 is the driver's."""
     key = (job.store, job.branch, job.name, job.version, job.sha256)
     if key not in _loaded:
@@ -72,7 +72,7 @@ def load(job: Job) -> packaging.Loaded:
             )
         artifact = store.read_artifact(job.branch, job.name, job.version)
         try:
-            _loaded[key] = packaging.load(artifact, manifest)
+            _loaded[key] = loading.load(artifact, manifest)
         except FrameworkError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's setup or unpickling failed

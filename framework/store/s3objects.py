@@ -1,6 +1,6 @@
 """Objects in an S3 bucket under a prefix: conditional reads and writes, and their errors.
 
-`framework.s3store` builds the store on these few operations. botocore is only
+`framework.store.s3` builds the store on these few operations. botocore is only
 imported when the first request is made (`pip install "framework[s3]"`).
 """
 

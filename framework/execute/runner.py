@@ -4,12 +4,12 @@
 - Sync functions declared `@deployment(inline=True)` run on the event loop:
   the author's promise that they are pure, sub-millisecond and never block.
 - Every other sync function runs on the version's own threads
-  (`framework.threads`, `concurrency` of them, 1 by default), a whole request
+  (`framework.execute.threads`, `concurrency` of them, 1 by default), a whole request
   in one hop, its answer encoded there too; or, with `isolation="process"`,
-  in the version's worker processes (`framework.isolation`).
+  in the version's worker processes (`framework.execute.isolation`).
 - Vectorized functions (`@deployment(vectorized=True)`) get every row of a
   call at once, one list per parameter; concurrent requests are gathered into
-  such calls by `framework.batching.Batcher`.
+  such calls by `framework.execute.batching.Batcher`.
 
 A call runs at most once: nothing here runs one again.
 """
@@ -21,11 +21,18 @@ import inspect
 import time
 from typing import Any, Awaitable, Callable
 
-from framework.batching import Batcher, Outcome
-from framework.calls import Answer, Calls, Failures, batch_answer, single_answer, vector_result
+from framework.execute.batching import Batcher, Outcome
+from framework.execute.calls import (
+    Answer,
+    Calls,
+    Failures,
+    batch_answer,
+    single_answer,
+    vector_result,
+)
 from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
 from framework.protocol import Binder, Call
-from framework.threads import Lane
+from framework.execute.threads import Lane
 
 # What an async deployment may raise and still get an answer. Not BaseException:
 # asyncio's CancelledError must still end timed-out calls.

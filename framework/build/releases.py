@@ -13,11 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from framework import config as cfgmod
-from framework import manifest as mf
-from framework import packaging, signing
+from framework.store import manifest as mf
+from framework.build import packing
+from framework.execute import loading
+from framework.store import signing
 from framework.errors import ConfigError, NotFound, StoreError
-from framework.publish import Result, publish_changed
-from framework.store import Store, check_alias, check_branch
+from framework.build.publish import Result, publish_changed
+from framework.store.base import Store
+from framework.store.names import check_alias, check_branch
 
 ORIGINS = ("promoted_from", "rolled_back_from")
 
@@ -113,7 +116,7 @@ def _republish(store: Store, name: str, src_branch: str, version: int, dst_branc
     artifact = store.read_artifact(src_branch, name, version)
     # Refuse to spread a changed artifact: the copy would get a fresh, trusted-looking version.
     key = signing.current_key()
-    packaging.check_integrity(artifact, manifest, key)
+    loading.check_integrity(artifact, manifest, key)
     # The copy's branch, version, time and origin differ, so the source's signature cannot
     # carry over: the store signs the copy at publish (verified above: only what this key
     # signed is signed again).

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from framework import auth, encoding
+from framework.serve import auth
+from framework import encoding
 from framework.errors import FrameworkError
-from framework.store import Store
+from framework.store.base import Store
 
 if TYPE_CHECKING:
-    from framework.app import Runtime
+    from framework.serve.runtime import Runtime
 
-log = logging.getLogger("framework.openapi")
+log = logging.getLogger("framework.serve.openapi")
 
 JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean",
               "list": "array", "dict": "object"}

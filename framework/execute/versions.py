@@ -1,6 +1,6 @@
 """Where a version is resolved and kept loaded, for the runtime.
 
-`latest` and aliases are kept fresh by `framework.refresh.Refresher`, which
+`latest` and aliases are kept fresh by `framework.serve.refresh.Refresher`, which
 re-resolves every remembered ref on a timer whatever the traffic, so a running
 server sees a new version within about a second without a store read per
 request. Without it (an app whose lifespan did not run), a ref is re-read on a
@@ -29,8 +29,8 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from framework import packaging
-from framework.environments import Environments, requirements
+from framework.execute import loading
+from framework.execute.environments import Environments, requirements
 from framework.errors import (
     CallTimeout,
     EnvironmentBuilding,
@@ -40,10 +40,11 @@ from framework.errors import (
     LoadFailed,
     NotFound,
 )
-from framework.isolation import ProcessLane
+from framework.execute.isolation import ProcessLane
 from framework.protocol import error_text
-from framework.runner import Runner
-from framework.store import Store, check_branch
+from framework.execute.runner import Runner
+from framework.store.base import Store
+from framework.store.names import check_branch
 
 Key = tuple[str, str, int]
 
@@ -265,7 +266,7 @@ class VersionCache:
     def _load_here(self, manifest: dict[str, Any], artifact: bytes, concurrency: int) -> Runner:
         name, version, branch = manifest["name"], manifest["version"], manifest["branch"]
         try:
-            loaded = packaging.load(artifact, manifest)
+            loaded = loading.load(artifact, manifest)
         except (IntegrityError, IncompatibleArtifact, NotFound):
             raise
         except Exception as exc:  # noqa: BLE001 - unpickling or setup ran user code

@@ -1,5 +1,5 @@
 """The access log: one JSON line per request, on stderr or through the
-`framework.access` logger; `framework.observe` hands in what requests did, in bulk."""
+`framework.access` logger; `framework.serve.observe` hands in what requests did, in bulk."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import orjson
 from starlette.types import Message, Receive, Send
 
 if TYPE_CHECKING:
-    from framework.observe import Seen
+    from framework.serve.scope import Seen
 
 PAYLOAD_LOG_LIMIT = 64 * 1024
 LINE_CACHE = 4096  # kinds of request whose log line is kept encoded

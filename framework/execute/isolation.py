@@ -1,6 +1,6 @@
 """A version run in warm worker processes (`@deployment(isolation="process")`).
 
-The server side of `framework.worker`'s protocol. Each of the version's
+The server side of `framework.execute.worker`'s protocol. Each of the version's
 `concurrency` workers has a thread here that takes the calls queued for the
 version (all of them at once when there is one worker), sends them in one
 message and reads the answers as they come. That thread also enforces time
@@ -35,7 +35,7 @@ from framework.errors import (
     LoadFailed,
     WorkerCrashed,
 )
-from framework.threads import Answers, _Handoff
+from framework.execute.threads import Answers, _Handoff
 
 log = logging.getLogger("framework.runtime")
 
@@ -50,7 +50,7 @@ class Worker:
     def __init__(self, label: str, artifact: bytes, manifest: dict[str, Any], python: str) -> None:
         self.label = label
         self.proc = subprocess.Popen(
-            [python, "-m", "framework.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [python, "-m", "framework.execute.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None

@@ -21,7 +21,7 @@ past it and moves `latest`, and readers move `latest` up to it when they see it.
 Refs and keys are re-read with conditional GETs (`If-None-Match`), so a server
 polling them every half second mostly gets a bodiless 304. Manifests never
 change once written and are kept in memory; artifacts go through a verified
-local disk cache (`framework.artifact_cache`).
+local disk cache (`framework.store.artifact_cache`).
 
 boto3 is imported only when an S3 store first talks to its bucket (`pip install "framework[s3]"`).
 Credentials, region and endpoint come from the standard AWS chain (AWS_PROFILE,
@@ -36,12 +36,13 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
-from framework import manifest as mf
-from framework.artifact_cache import SHA_RE, ArtifactCache
+from framework.store import manifest as mf
+from framework.store.artifact_cache import SHA_RE, ArtifactCache
 from framework.errors import IntegrityError, NotFound, StoreError
-from framework.registry import NAME_RE
-from framework.s3objects import Bucket
-from framework.store import Store, check_alias, check_branch, check_doc_key, check_place, move_alias
+from framework.store.names import NAME_RE
+from framework.store.s3objects import Bucket
+from framework.store.base import Store, check_place, move_alias
+from framework.store.names import check_alias, check_branch, check_doc_key
 
 CAS_TRIES = 200  # compare-and-swap rounds before giving up: only reached under a storm of writers
 CLAIM_TRIES = 1000  # version numbers tried by one publish

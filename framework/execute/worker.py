@@ -1,20 +1,20 @@
 """A worker process: one loaded version, called over a pipe (`isolation="process"`).
 
-Started as `python -m framework.worker` by `framework.isolation`, from the
+Started as `python -m framework.execute.worker` by `framework.execute.isolation`, from the
 server's interpreter (or, later, from a deployment's own environment: the
 child needs only this module's imports, cloudpickle and the artifact's
 packages). The protocol is pickled messages framed by
 `multiprocessing.connection` on the child's stdin and stdout:
 
 1. parent -> child `("load", artifact, manifest)`; the child verifies and
-   unpickles it (`packaging.load`: sha256, signature, Python version) and
+   unpickles it (`loading.load`: sha256, signature, Python version) and
    answers `("ready", signature, is_async)`, or `("error", kind, message)`
    where kind is "integrity", "incompatible" or "load".
 2. parent -> child `("call", [(kind, arg, deadline), ...])`; the child runs
    them in order and answers each as soon as it is done with
    `("done", ok, value)`, or `("expired",)` for a call whose deadline
    (`time.monotonic()`, one clock for the whole machine) passed before it
-   started. `kind` is a method of `framework.calls.Calls`.
+   started. `kind` is a method of `framework.execute.calls.Calls`.
 3. The parent closing the child's stdin ends it.
 
 So the parent always knows which call is running: the first one of the
@@ -48,12 +48,12 @@ def shape(fn: Any) -> bytes | None:
 
 
 def _load(conn_out: Connection, artifact: bytes, manifest: dict[str, Any]) -> Any:
-    from framework import packaging
-    from framework.calls import Calls
+    from framework.execute import loading
+    from framework.execute.calls import Calls
     from framework.errors import IncompatibleArtifact, IntegrityError
 
     try:
-        loaded = packaging.load(artifact, manifest)
+        loaded = loading.load(artifact, manifest)
     except IntegrityError as exc:
         conn_out.send(("error", "integrity", str(exc)))
         return None

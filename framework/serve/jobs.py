@@ -2,7 +2,7 @@
 
 A call with a webhook is answered `{"batchId": ...}` once its job is in the
 store; every replica's worker scans the queue, claims a job with a lease
-(`framework.leases`), runs it through the normal path (parse, the version
+(`framework.serve.leases`), runs it through the normal path (parse, the version
 resolved at acceptance, the same limits and row-error rules), keeps the answer, then
 POSTs it to the webhook with retries. The answer is kept until delivered, so
 a restart after the run delivers it without running it again; a job whose
@@ -32,14 +32,15 @@ import httpx
 import orjson
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from framework import encoding, protocol, webhooks
-from framework.cache import VersionCache
+from framework import encoding, protocol
+from framework.serve import webhooks
+from framework.execute.versions import VersionCache
 from framework.errors import NotFound
-from framework.leases import Leases
-from framework.links import Links
-from framework.store import Store
+from framework.serve.leases import Leases
+from framework.serve.links import Links
+from framework.store.base import Store
 
-log = logging.getLogger("framework.jobs")
+log = logging.getLogger("framework.serve.jobs")
 
 FINISHED = ("delivered", "failed")
 ID_RE = re.compile(r"^[0-9a-f]{32}$")

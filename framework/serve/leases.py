@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from framework.store import Store
+from framework.store.base import Store
 
-log = logging.getLogger("framework.jobs")
+log = logging.getLogger("framework.serve.jobs")
 
 
 class Leases:

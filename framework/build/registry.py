@@ -14,18 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from framework.errors import RegistryError
-
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$")
-
-
-def check_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise RegistryError(
-            f"invalid deployment name {name!r}: use letters, digits, '_' or '-', "
-            "starting with a letter or '_' (at most 100 characters)"
-        )
-    return name
-
+from framework.store.names import check_name
 
 @dataclass(frozen=True)
 class Options:
@@ -62,12 +51,6 @@ class Deployment:
 
     def __repr__(self) -> str:
         return f"<Deployment {self.name!r} {self.fn.__module__}.{self.fn.__qualname__}>"
-
-    def deploy(self, **kwargs: Any) -> int:
-        """Publish this deployment; see `framework.deploy`."""
-        from framework.publish import deploy
-
-        return deploy(self, **kwargs)
 
 
 _registry: dict[str, Deployment] = {}

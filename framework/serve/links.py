@@ -22,9 +22,9 @@ import time
 from typing import Any
 
 from framework.errors import Forbidden, Gone, StoreError
-from framework.store import Store
+from framework.store.base import Store
 
-log = logging.getLogger("framework.links")
+log = logging.getLogger("framework.serve.links")
 
 SECRET_KEY = "secrets/link-key"
 PREFIX = "links/"

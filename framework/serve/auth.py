@@ -30,7 +30,7 @@ from typing import Any, Callable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from framework.observe import SCOPE_ERROR, SCOPE_KEY
+from framework.serve.scope import SCOPE_ERROR, SCOPE_KEY
 from framework.errors import (
     Forbidden,
     FrameworkError,
@@ -39,10 +39,10 @@ from framework.errors import (
     StoreError,
     Unauthorized,
 )
-from framework.registry import check_name
-from framework.store import Store
+from framework.store.names import check_name
+from framework.store.base import Store
 
-log = logging.getLogger("framework.auth")
+log = logging.getLogger("framework.serve.auth")
 
 PREFIX = "fw_"
 # Compared against when the id is unknown, so a wrong id costs the same time as a wrong secret.
@@ -127,7 +127,7 @@ def _active(doc: dict[str, Any] | None) -> dict[str, Key]:
 class KeyRing:
     """The store's keys as the runtime sees them.
 
-    Re-read by `framework.refresh.Refresher` on a timer, whatever the traffic;
+    Re-read by `framework.serve.refresh.Refresher` on a timer, whatever the traffic;
     without it (an app whose lifespan did not run), at most every `ttl` seconds
     when a request comes.
     """

@@ -1,4 +1,4 @@
-"""Packing a deployment into an artifact, and loading it back.
+"""Packing a deployment into an artifact (`framework.execute.loading` loads it back).
 
 Packing pickles the function *by value* with cloudpickle, together with the
 project's own modules (anything imported from under the project root), so a
@@ -11,10 +11,6 @@ attributes cloudpickle records (`__file__`, `__path__`) made relative too, so
 the same commit packed from two checkouts is the same content (`unchanged`).
 The text of those files goes into the manifest (`sources`), and loading seeds
 `linecache` with it: tracebacks name `deployments/x.py` and show its lines.
-
-Loading (`load`) is the one place where an artifact is unpickled: it checks
-the sha256 (and the signature, when a key is set) and the Python version
-*before* running any of the pickle's code.
 """
 
 from __future__ import annotations
@@ -36,12 +32,12 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from framework import manifest as mf
-from framework import signing
+from framework.store import manifest as mf
+from framework.store import signing
 from framework.errors import IncompatibleArtifact, IntegrityError, PackagingError
-from framework.registry import Deployment
+from framework.build.registry import Deployment
 
-log = logging.getLogger("framework.packaging")
+log = logging.getLogger("framework.build.packing")
 
 PROTOCOL = 5
 # The project files whose text a manifest carries for tracebacks, at most this much in all.
@@ -357,82 +353,3 @@ def pack(dep: Deployment, *, branch: str, roots: list[Path]) -> Package:
     m["sources"] = _sources(files)
     # Not signed here: the store signs at publish, once the version number is claimed.
     return Package(dep.name, artifact, m)
-
-
-# -- load --------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    """An unpickled version: the function and its manifest."""
-
-    fn: Callable[..., Any]
-    manifest: dict[str, Any]
-
-
-def _where(manifest: dict[str, Any]) -> str:
-    return f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
-
-
-def check_integrity(artifact: bytes, manifest: dict[str, Any], key: bytes | None) -> None:
-    """Refuse an artifact that does not match its manifest, or its signature when `key` is set."""
-    if key is not None:
-        signing.verify(artifact, manifest, key)
-    digest = hashlib.sha256(artifact).hexdigest()
-    if digest != manifest.get("sha256"):
-        raise IntegrityError(
-            f"artifact of {_where(manifest)} does not match its manifest (sha256 {digest[:12]} != "
-            f"{str(manifest.get('sha256'))[:12]}): the store was changed after deploy; redeploy it"
-        )
-
-
-def check(artifact: bytes, manifest: dict[str, Any]) -> None:
-    """Refuse an artifact that does not match its manifest (or signature) or this Python."""
-    check_integrity(artifact, manifest, signing.current_key())
-    where = _where(manifest)
-    built = str(manifest.get("python", ""))
-    here = ".".join(map(str, sys.version_info[:3]))
-    if built.split(".")[:2] != here.split(".")[:2]:
-        raise IncompatibleArtifact(
-            f"{where} was built with Python {built} and cannot be loaded by Python {here}: "
-            f"run the server on Python {'.'.join(built.split('.')[:2])}, or redeploy from Python "
-            f"{'.'.join(here.split('.')[:2])}"
-        )
-    if built != here:
-        log.warning("%s was built with Python %s, running on %s", where, built, here)
-    for dist, version in (manifest.get("requirements") or {}).get("detected", {}).items():
-        import importlib.metadata  # only for versions that record requirements
-
-        try:
-            have = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            log.warning("%s needs %s==%s, which is not installed", where, dist, version)
-            continue
-        if have != version:
-            log.warning("%s was built with %s %s, running with %s", where, dist, version, have)
-
-
-def seed_linecache(manifest: dict[str, Any]) -> None:
-    """Make tracebacks show the lines of the project files the version was built from.
-
-    An entry without an mtime is one `linecache.checkcache` leaves alone. Two
-    loaded versions with different text for the same file share one entry: the
-    last one loaded.
-    """
-    sources = manifest.get("sources")
-    if not isinstance(sources, dict):
-        return
-    for rel, text in sources.items():
-        if isinstance(rel, str) and isinstance(text, str):
-            lines = text.splitlines(keepends=True)
-            linecache.cache[rel] = (len(text), None, lines, rel)
-
-
-def load(artifact: bytes, manifest: dict[str, Any]) -> Loaded:
-    """Verify, then unpickle, then run the deployment's setup once."""
-    check(artifact, manifest)
-    seed_linecache(manifest)
-    payload = cloudpickle.loads(artifact)
-    if payload.get("setup") is not None:
-        payload["setup"]()
-    return Loaded(payload["fn"], manifest)

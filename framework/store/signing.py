@@ -9,7 +9,7 @@ What is signed: the artifact's sha256 (recomputed, never read from the
 manifest) and the whole manifest but `signed`, so its name, branch and
 version too. The store signs at publish, once it has claimed the version
 number (`Store.sealed_manifest`), and refuses a manifest read from another
-place than the one it names (`store.check_place`): a signed version copied,
+place than the one it names (`base.check_place`): a signed version copied,
 linked or renamed elsewhere in the store is refused like a tampered one.
 """
 
@@ -20,7 +20,7 @@ import hmac
 import os
 from typing import Any
 
-from framework import manifest as mf
+from framework.store import manifest as mf
 from framework.errors import ConfigError, IntegrityError
 
 ENV = "FRAMEWORK_SIGNING_KEY"

@@ -7,7 +7,7 @@ environment satisfies them and runs the same Python, the version runs in
 the server as usual. Otherwise `Environments.ensure` builds that
 environment once (with uv; with venv and pip where uv is missing) under
 `server.env_dir`, and the version runs in worker processes started from its
-interpreter (`framework.isolation`). Every version with the same set shares
+interpreter (`framework.execute.isolation`). Every version with the same set shares
 it.
 
 A build is staged in a directory of its own and renamed into place, under a

@@ -4,8 +4,8 @@ liveness and readiness.
 One pure ASGI middleware times each request and reads what the handlers left
 in the ASGI scope: `Runtime.infer` puts the resolved version's runner and the
 parsed call under SCOPE_CALL, the error handlers put the exception under
-SCOPE_ERROR. An `Observer` hands that, in bulk, to `framework.metrics` and
-`framework.accesslog`.
+SCOPE_ERROR. An `Observer` hands that, in bulk, to `framework.serve.metrics` and
+`framework.serve.accesslog`.
 
 `/metrics`, `/livez`, `/readyz` and `/healthz` are neither counted nor logged:
 they are scraped and probed every few seconds.
@@ -26,17 +26,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from framework.accesslog import AccessLog, Payloads
+from framework.serve.accesslog import AccessLog, Payloads
 from framework.errors import DeploymentFailed, RowsFailed, StoreError
-from framework.metrics import UNRESOLVED, Metrics
+from framework.serve.metrics import UNRESOLVED, Metrics
+from framework.serve.scope import SCOPE_CALL, SCOPE_DISCONNECTED, SCOPE_ERROR, SCOPE_KEY, Seen
 
 if TYPE_CHECKING:
-    from framework.app import Runtime
+    from framework.serve.runtime import Runtime
 
-SCOPE_CALL = "framework.call"
-SCOPE_ERROR = "framework.error"
-SCOPE_KEY = "framework.key"  # the caller's auth.Key, where API keys are on
-SCOPE_DISCONNECTED = "framework.disconnected"  # the client left before its body was read
 CLIENT_CLOSED = 499  # the status noted for those (nginx's): no answer was sent, nothing failed
 OPS_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/healthz"})
 FLUSH_INTERVAL_S = 0.05  # the most often access-log lines are written out
@@ -49,13 +46,6 @@ def _row_errors(call: Any, error: BaseException | None) -> int:
     if isinstance(error, DeploymentFailed):
         return 1
     return call.failed
-
-
-# What a request leaves behind: its version's metric labels and number (UNRESOLVED and
-# None where no version was resolved), status, start and end (perf_counter), rows, row
-# errors, whether a batch, the name of the exception it raised, its API key, method,
-# path, and its bodies (`server.log_payloads`).
-Seen = tuple[tuple[str, str, str], Any, int, float, float, int, int, bool, Any, Any, str, str, Any]
 
 
 class Observer:

@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from framework import config as cfgmod
-from framework import packaging, registry, signing
+from framework.build import packing, registry
+from framework.execute import loading
+from framework.store import signing
 from framework.errors import ConfigError, IntegrityError, StoreDamaged
-from framework.packaging import Package, pack, project_files
-from framework.store import Store, check_branch, open_store
+from framework.build.packing import Package, pack, project_files
+from framework.store.base import Store
+from framework.store.names import check_branch
+from framework.store import open_store
 
 
 @dataclass
@@ -112,7 +116,7 @@ def holds(store: Store, branch: str, name: str, version: int, content_sha256: st
         return False
     # A latest changed on disk since its deploy can never load: the fix is a fresh copy.
     try:
-        packaging.check_integrity(store.read_artifact(branch, name, version), m, key)
+        loading.check_integrity(store.read_artifact(branch, name, version), m, key)
     except IntegrityError:
         return False
     return True

@@ -1,15 +1,11 @@
-"""The versioned store: an interface, and the local-directory backend.
-
-Everything outside this module talks to `Store` in terms of (branch, name,
-version) and bytes, never paths, so an object-storage backend can sit behind
-the same methods.
+"""The local-directory store backend (or a shared filesystem mount).
 
 Local layout (`<root>` is the store directory)::
 
     <root>/branches/<branch, %-encoded>/<name>/<version>/artifact.pkl
                                                         /manifest.json
     <root>/branches/<branch>/<name>/aliases.json
-    <root>/keys.json   API keys (their sha256 only), see framework.auth
+    <root>/keys.json   API keys (their sha256 only), see framework.serve.auth
     <root>/.staging/   versions being written; never read
 
 Publishing writes a version under `.staging`, then renames the directory to
@@ -20,13 +16,10 @@ killed mid-write leaves only a directory under `.staging`.
 
 from __future__ import annotations
 
-import abc
 import errno
 import hashlib
 import fcntl
-import importlib
 import os
-import re
 import shutil
 import time
 import uuid
@@ -35,212 +28,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import quote, unquote
 
-from framework import manifest as mf
-from framework import signing
+from framework.store import manifest as mf
+from framework.store.base import Store, check_place, move_alias, os_problem
 from framework.errors import NotFound, StoreDamaged, StoreError
-from framework.registry import NAME_RE
+from framework.store.names import NAME_RE, check_alias, check_branch, check_doc_key
 
-BRANCH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-# A branch is one directory name once '/' is %-encoded (3 bytes): file systems allow 255.
-MAX_BRANCH_CHARS = 200
 # Staging directories of a deploy that left no owner lock behind (older versions, or one
 # between its mkdir and its lock) are removed only once this old.
 STALE_STAGING_S = 3600
 OWNER = ".owner"
 NEW = ".new"
-
-
-def check_branch(branch: object) -> str:
-    # A "." or ".." segment would name a directory other than the branch's own.
-    if not isinstance(branch, str) or not BRANCH_RE.match(branch) or any(
-        part in (".", "..") for part in branch.split("/")
-    ) or len(quote(branch, safe="")) > MAX_BRANCH_CHARS:
-        shown = branch if not isinstance(branch, str) or len(branch) <= 80 else branch[:80] + "..."
-        raise NotFound(
-            f"invalid branch name {shown!r}: use letters, digits, '.', '_', '-' and '/', with no "
-            f"'.' or '..' segment, at most {MAX_BRANCH_CHARS} characters ('/' counts 3; write "
-            "'/' as '~' in URLs)"
-        )
-    return branch
-
-
-def os_problem(exc: OSError) -> str:
-    """What an OSError means for the store, and what to do: a full disk is not a permission."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "the disk holding the store is full (or over quota); free some space and retry"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{exc.strerror}; fix the store's permissions, or point FRAMEWORK_STORE elsewhere"
-    if exc.errno == errno.ENOTDIR:
-        return ("a part of its path is a file, not a directory; point FRAMEWORK_STORE or `store:` "
-                "in deploy.yaml at a writable directory")
-    return f"{exc.strerror or exc}; check the store's disk and that it is a writable directory"
-
-
-def check_place(manifest: dict[str, Any], branch: str, name: str, version: int) -> dict[str, Any]:
-    """`manifest` when it describes the place it was read from; StoreDamaged naming both otherwise.
-
-    A version directory copied, linked or renamed elsewhere in the store keeps the
-    identity it was published (and signed) with, which is how it is caught.
-    """
-    found = (manifest.get("branch"), manifest.get("name"), manifest.get("version"))
-    if found != (branch, name, version):
-        raise StoreDamaged(
-            f"the store holds, at {name} v{version} on branch {branch!r}, a version published as "
-            f"{found[1]} v{found[2]} on branch {found[0]!r}: it was copied, linked or renamed "
-            f"there, and is refused; remove it and deploy (or `framework rollback {name}`)"
-        )
-    return manifest
-
-
-def move_alias(aliases: dict[str, int], name: str, alias: str, version: int | None) -> None:
-    """Point `alias` at `version` in `aliases`, or remove it when `version` is None."""
-    if version is None:
-        if alias not in aliases:
-            raise NotFound(f"deployment {name!r} has no alias {alias!r} to remove")
-        del aliases[alias]
-    else:
-        aliases[alias] = version
-
-
-def check_alias(alias: object) -> str:
-    if not isinstance(alias, str) or alias == "latest" or not ALIAS_RE.match(alias):
-        raise StoreError(
-            f"invalid alias {alias!r}: an alias starts with a letter or '_', uses letters, digits, "
-            "'_', '.' or '-', and cannot be 'latest' or a number"
-        )
-    return alias
-
-
-class Store(abc.ABC):
-    """What the deployer and the runtime need from a store."""
-
-    @abc.abstractmethod
-    def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
-        """Store a new version atomically; returns its number."""
-
-    @abc.abstractmethod
-    def versions(self, branch: str, name: str) -> list[int]:
-        """Every version of (branch, name), ascending; [] when there is none."""
-
-    @abc.abstractmethod
-    def read_manifest(self, branch: str, name: str, version: int) -> dict[str, Any]:
-        """The manifest, checked with `check_place`; StoreDamaged when unreadable or elsewhere."""
-
-    @abc.abstractmethod
-    def read_artifact(self, branch: str, name: str, version: int) -> bytes: ...
-
-    @abc.abstractmethod
-    def branches(self) -> list[str]: ...
-
-    @abc.abstractmethod
-    def names(self, branch: str) -> list[str]: ...
-
-    @abc.abstractmethod
-    def aliases(self, branch: str, name: str) -> dict[str, int]: ...
-
-    @abc.abstractmethod
-    def set_alias(self, branch: str, name: str, alias: str, version: int | None) -> None:
-        """Point `alias` at `version`, or remove it when `version` is None."""
-
-    @abc.abstractmethod
-    def read_keys(self) -> dict[str, Any] | None:
-        """The API keys document (hashes only), or None when no key was ever created."""
-
-    @abc.abstractmethod
-    def update_keys(self, change: Callable[[dict[str, Any]], None]) -> None:
-        """Run `change` on the keys document under a lock, then replace it atomically."""
-
-    # -- small shared documents (jobs, leases, results, secrets), by key ---------
-    # A key is '/'-separated segments of [A-Za-z0-9._-] (no '.' or '..' segment),
-    # such as "jobs/<id>.json". An etag is an opaque string that changes whenever
-    # the document does; it is what compare-and-swap is conditioned on
-    # (`If-Match` on S3), and `create=True` is `If-None-Match: *`.
-
-    @abc.abstractmethod
-    def read_doc(self, key: str) -> tuple[bytes, str] | None:
-        """The document's bytes and etag, or None when there is no such document."""
-
-    @abc.abstractmethod
-    def write_doc(self, key: str, data: bytes, *, etag: str | None = None,
-                  create: bool = False) -> str | None:
-        """Write `key` atomically; returns its new etag, or None when the condition failed:
-        with `create`, the document already existed; with `etag`, it had changed (or was gone)."""
-
-    @abc.abstractmethod
-    def delete_doc(self, key: str) -> None:
-        """Remove `key`; no error when it is already gone."""
-
-    @abc.abstractmethod
-    def list_docs(self, prefix: str) -> list[str]:
-        """The keys under `prefix` (a key prefix such as "jobs/"), sorted."""
-
-    def sealed_manifest(self, artifact: bytes, manifest: dict[str, Any], branch: str, name: str,
-                        version: int) -> bytes:
-        """The manifest to store as `version` of (branch, name), which it records, signed
-        when $FRAMEWORK_SIGNING_KEY is set.
-
-        Called by `publish` once per number it tries to claim: the signature covers
-        the version (and branch, name), so the version cannot be signed any earlier.
-        """
-        final = {**manifest, "branch": branch, "name": name, "version": version}
-        key = signing.current_key()
-        if key is not None:
-            final.pop("signed", None)
-            final["signed"] = signing.sign(artifact, final, key)
-        return mf.dumps(final)
-
-    def publish_changed(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any],
-                        same: Callable[[int], bool]) -> tuple[int, bool]:
-        """Publish unless the latest version already holds this content (`same(latest)`):
-        returns (version, whether it is new). Backends that can, make check and publish one
-        step, so identical deploys racing publish one version."""
-        latest = self.latest(branch, name)
-        if latest is not None and same(latest):
-            return latest, False
-        return self.publish(branch, name, artifact, manifest), True
-
-    def check_writable(self) -> None:
-        """Raise StoreError now if `publish` could not write, so a deploy fails before packaging.
-
-        A backend that cannot tell cheaply leaves it to `publish`.
-        """
-
-    def deployments(self) -> list[tuple[str, str, int]]:
-        """(branch, name, latest version) of every deployment with a version."""
-        found = []
-        for branch in self.branches():
-            for name in self.names(branch):
-                latest = self.latest(branch, name)
-                if latest is not None:
-                    found.append((branch, name, latest))
-        return found
-
-    def latest(self, branch: str, name: str) -> int | None:
-        found = self.versions(branch, name)
-        return found[-1] if found else None
-
-    def resolve(self, branch: str, name: str, ref: str) -> int:
-        """Turn `latest`, a number or an alias into a version number."""
-        where = f"deployment {name!r} on branch {branch!r}"
-        versions = self.versions(branch, name)
-        if not versions:
-            raise NotFound(f"{where} has no versions: deploy it first, or see `framework list` (GET /v1/)")
-        if ref == "latest":
-            return versions[-1]
-        if ref.isascii() and ref.isdigit():  # str.isdigit() also accepts "²", which int() refuses
-            if len(ref) > 18 or int(ref) not in versions:  # int() refuses over 4,300 digits
-                shown = int(ref) if len(ref) <= 18 else ref[:20] + "..."
-                raise NotFound(f"{where} has no version {shown}: see `framework versions {name}`")
-            return int(ref)
-        aliases = self.aliases(branch, name)
-        if ref not in aliases:
-            known = ", ".join(sorted(aliases)) or "none"
-            raise NotFound(
-                f"{where} has no alias {ref!r} (aliases: {known}); use latest, a version "
-                "number or an alias"
-            )
-        return aliases[ref]
 
 
 class LocalStore(Store):
@@ -542,17 +339,6 @@ class LocalStore(Store):
             raise StoreError(f"cannot write API keys in {self.root}: {os_problem(exc)}") from exc
 
 
-DOC_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-
-
-def check_doc_key(key: object) -> str:
-    if not isinstance(key, str) or not DOC_KEY_RE.match(key) or any(
-        part in (".", "..") for part in key.split("/")
-    ):
-        raise StoreError(f"invalid document key {key!r}: use '/'-separated [A-Za-z0-9._-] segments")
-    return key
-
-
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -579,21 +365,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def open_store(location: str) -> Store:
-    """The store named by a `store:` setting or FRAMEWORK_STORE."""
-    if location.startswith("s3://"):
-        # By name at run time: framework.s3store subclasses Store, and only S3 users need it.
-        return importlib.import_module("framework.s3store").S3Store.from_url(location)
-    if "://" in location and not location.startswith("file://"):
-        raise StoreError(
-            f"store {location!r}: use a local directory (or file://path) or s3://bucket/prefix"
-        )
-    root = Path(location.removeprefix("file://"))
-    if root.exists() and not root.is_dir():
-        raise StoreError(
-            f"the store {root} is a file, not a directory; point FRAMEWORK_STORE or `store:` in "
-            "deploy.yaml at a directory"
-        )
-    return LocalStore(root)

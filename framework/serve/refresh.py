@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from framework.errors import FrameworkError, NotFound
 
 if TYPE_CHECKING:
-    from framework.cache import VersionCache
+    from framework.execute.versions import VersionCache
 
-log = logging.getLogger("framework.refresh")
+log = logging.getLogger("framework.serve.refresh")
 
 INTERVAL_S = 0.3
 
@@ -31,7 +31,7 @@ RefKey = tuple[str, str, str]
 
 
 class KeyRing(Protocol):
-    """What the refresher needs of `framework.auth.KeyRing` (not imported: auth sits
+    """What the refresher needs of `framework.serve.auth.KeyRing` (not imported: auth sits
     with the app's modules)."""
 
     background: bool

@@ -2,7 +2,7 @@
 only when scraped.
 
 Labels come only from *resolved* versions, never from the raw URL, so random
-paths cannot blow up the number of series. `framework.observe` hands in
+paths cannot blow up the number of series. `framework.serve.observe` hands in
 what requests did, in bulk.
 """
 
@@ -23,9 +23,9 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from framework.app import Runtime
-    from framework.cache import VersionCache
-    from framework.observe import Seen
+    from framework.serve.runtime import Runtime
+    from framework.execute.versions import VersionCache
+    from framework.serve.scope import Seen
 
 LABELS = ("deployment", "branch", "version")
 UNRESOLVED = ("", "", "")  # the labels of requests that resolved no version
