@@ -71,7 +71,7 @@ def _constant(name: str) -> Any:
 
 def long_int_possible(body: bytes) -> bool:
     """Whether `body` has 19 digits in a row: an integer orjson may not read exactly."""
-    return _LONG_RUN in body.translate(_DIGITS)  # 0.2 us a one-row body, 60 us a 100 kB one
+    return _LONG_RUN in body.translate(_DIGITS)  # one C-level pass, cheap next to parsing
 
 
 def _loads(body: bytes) -> Any:

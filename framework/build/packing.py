@@ -253,7 +253,7 @@ def _captured(fn: Callable[..., Any]) -> dict[str, Any]:
 
 def detected_requirements(fn: Callable[..., Any], by_value: list[str]) -> dict[str, str]:
     """Installed distributions whose modules the function (or its project modules) uses."""
-    import importlib.metadata  # here, not at the top: 25 ms of every server start
+    import importlib.metadata  # here, not at the top: it slows every server start
 
     dists = importlib.metadata.packages_distributions()
     tops: set[str] = set()

@@ -37,7 +37,7 @@ class InferenceFirst:
     """Answers the inference routes ahead of Starlette's ExceptionMiddleware and router.
 
     Those build a `Request` and two closures for every request they pass on,
-    about 14,000 instructions, a tenth of a one-row request's. Here a
+    a noticeable share of a one-row request's cost. Here a
     FrameworkError becomes its answer through a try block, which costs nothing
     until something raises. Other requests go on to them; so does anything
     else the routes raise, as it would have.

@@ -52,13 +52,11 @@ class Observer:
     """What the middleware saw, turned into metrics and log lines in bulk.
 
     A request only leaves a tuple behind; every `CHUNK` of them are counted
-    and their log lines encoded together. The same work, done in the path of
-    each request, gave about 8% less single-row throughput over HTTP; done
-    for all of 50 ms at once, it held up the requests behind it (p99 latency
-    1.8x the bare app's). The lines are written out at most every
-    `FLUSH_INTERVAL_S` under load, at the end of its turn after a quiet spell,
-    and at shutdown: a write per request, or per event-loop turn, had cost a
-    tenth of single-row throughput. A scrape of `/metrics` counts the rest first.
+    and their log lines encoded together: done per request it slows every
+    request, done for a long spell at once it holds up those behind it. Lines
+    are written out at most every `FLUSH_INTERVAL_S` under load, at the end of
+    its turn after a quiet spell, and at shutdown. A scrape of `/metrics`
+    counts the rest first (docs/design.md has the measurements).
     """
 
     def __init__(self, metrics: Metrics | None, log: AccessLog | None, log_payloads: bool) -> None:

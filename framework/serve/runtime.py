@@ -93,10 +93,9 @@ class Runtime:
         await asyncio.gather(*map(load, keys[: self.versions.size]))
 
     async def infer(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /v1/<name>/<ref>: an ASGI app, not a Starlette endpoint. The request
-        and response objects and the endpoint's wrapper were a sixth of the
-        instructions of a one-row request; errors still reach the handlers
-        `create_app` sets."""
+        """POST /v1/<name>/<ref>: an ASGI app, not a Starlette endpoint, which would
+        build request and response objects this path does not need; errors still
+        reach the handlers `create_app` sets."""
         p = scope["path_params"]
         name, ref = p["name"], p["ref"]
         branch = p.get("branch", "main").replace("~", "/")

@@ -5,9 +5,8 @@ uvicorn's HTTP protocol, with Nagle's algorithm off on every connection:
 `uvicorn --workers N` binds its listening socket without naming TCP as the
 protocol, and asyncio only sets TCP_NODELAY on accepted sockets whose
 protocol says TCP. uvicorn writes a response in two pieces (head, then body),
-so with Nagle on the body waits for the client's delayed ACK: about 40 ms per
-request on keep-alive connections, which took 2 workers from ~1,700 to ~350
-requests/s. Setting the option per connection fixes it in every mode.
+so with Nagle on the body waits for the client's delayed ACK on keep-alive
+connections. Setting the option per connection fixes it in every mode.
 
 And the garbage collector, tuned for a process that only serves (`tune_gc`).
 """
@@ -20,10 +19,9 @@ import socket
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-# Collect the youngest objects every this many new containers, not CPython's 700:
-# a 10,000-row request allocates some 30,000 and set off dozens of collections,
-# each promoting the live rows and walking them again in the older generations;
-# about a quarter of such a request's time went there.
+# Collect the youngest objects every this many new containers, not CPython's 700: a
+# large batch allocates tens of thousands, and each collection promotes its live rows
+# and walks them again in the older generations.
 GC_YOUNGEST = 10_000
 
 
@@ -39,7 +37,7 @@ def tune_gc() -> None:
     """For a process that only serves, once its app is built: what exists by then
     (modules, settings) is never garbage, so the collector stops walking it, and it
     runs every `GC_YOUNGEST` new objects."""
-    # Without a gc.collect() first: it took 20 ms of every start (limit: 0.5 s to the
-    # first answer), to spare the little garbage there is by then.
+    # Without a gc.collect() first: it would slow every start, to spare the little
+    # garbage there is by then.
     gc.freeze()
     gc.set_threshold(GC_YOUNGEST, *gc.get_threshold()[1:])
