@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
-import linecache
 import logging
 import os
 import sys
@@ -33,8 +32,8 @@ import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
 from framework.store import manifest as mf
-from framework.store import signing
-from framework.errors import IncompatibleArtifact, IntegrityError, PackagingError
+from framework.errors import PackagingError
+from framework.build.project import captured, detected_requirements, project_packages
 from framework.build.registry import Deployment
 
 log = logging.getLogger("framework.build.packing")
@@ -54,42 +53,6 @@ class Package:
 
 
 # -- which modules travel by value -------------------------------------------
-
-
-def _site_dirs() -> list[str]:
-    import site
-    import sysconfig
-
-    dirs = set(site.getsitepackages() + [site.getusersitepackages()])
-    dirs.update(sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib"))
-    return [os.path.realpath(d) for d in dirs if d]
-
-
-def project_files(roots: list[Path]) -> Callable[[str], bool]:
-    """A test for "this file is the project's own": under `roots`, not an installed package."""
-    prefixes = tuple(os.path.realpath(r) + os.sep for r in roots)
-    site_prefixes = tuple(d + os.sep for d in _site_dirs())
-
-    def own(path: str) -> bool:
-        real = os.path.realpath(path)
-        return real.startswith(prefixes) and not real.startswith(site_prefixes)
-
-    return own
-
-
-def project_packages(roots: list[Path]) -> list[str]:
-    """Top-level modules imported from under `roots` that are not installed packages."""
-    own = project_files(roots)
-    found = set()
-    for name, mod in list(sys.modules.items()):
-        path = getattr(mod, "__file__", None)
-        if not path or name == "__main__" or not own(path):
-            continue
-        top = name.partition(".")[0]
-        # The framework is installed wherever the runtime runs; never ship it.
-        if top != "framework":
-            found.add(top)
-    return sorted(found)
 
 
 @contextmanager
@@ -222,63 +185,12 @@ def _fingerprint(payload: Any, options: dict[str, Any], roots: list[Path]) -> st
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-# -- requirements and error reporting ----------------------------------------
-
-
-def _referenced_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _referenced_names(const)
-    return names
-
-
-def _captured(fn: Callable[..., Any]) -> dict[str, Any]:
-    """The globals and closure values a function refers to, by name."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return {}
-    out = {}
-    g = getattr(fn, "__globals__", {})
-    for name in sorted(_referenced_names(code)):
-        if name in g:
-            out[name] = g[name]
-    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
-        try:
-            out[name] = cell.cell_contents
-        except ValueError:
-            pass
-    return out
-
-
-def detected_requirements(fn: Callable[..., Any], by_value: list[str]) -> dict[str, str]:
-    """Installed distributions whose modules the function (or its project modules) uses."""
-    import importlib.metadata  # here, not at the top: it slows every server start
-
-    dists = importlib.metadata.packages_distributions()
-    tops: set[str] = set()
-    values = list(_captured(fn).values())
-    for name in by_value:
-        values.extend(vars(sys.modules[name]).values())
-    for value in values:
-        mod = value.__name__ if isinstance(value, types.ModuleType) else (
-            getattr(value, "__module__", None) or type(value).__module__
-        )
-        if isinstance(mod, str):
-            tops.add(mod.partition(".")[0])
-    found = {}
-    for top in tops - set(sys.stdlib_module_names) - set(by_value) - {"builtins", "__main__", "framework"}:
-        for dist in dists.get(top, ()):
-            try:
-                found[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return dict(sorted(found.items()))
+# -- error reporting ------------------------------------------------------------
 
 
 def _unpicklable(fn: Callable[..., Any]) -> list[str]:
     bad = []
-    for name, value in _captured(fn).items():
+    for name, value in captured(fn).items():
         try:
             cloudpickle.dumps(value, protocol=PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - any failure names the culprit

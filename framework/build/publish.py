@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from framework import config as cfgmod
-from framework.build import packing, registry
+from framework.build import registry
 from framework.execute import loading
 from framework.store import signing
 from framework.errors import ConfigError, IntegrityError, StoreDamaged
-from framework.build.packing import Package, pack, project_files
+from framework.build.packing import Package, pack
+from framework.build.project import project_files
 from framework.store.base import Store
 from framework.store.names import check_branch
 from framework.store import open_store

@@ -14,7 +14,6 @@ from typing import Any
 
 from framework import config as cfgmod
 from framework.store import manifest as mf
-from framework.build import packing
 from framework.execute import loading
 from framework.store import signing
 from framework.errors import ConfigError, NotFound, StoreError

@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
 from pathlib import Path
+
+from framework.store.files import replace_atomically
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -63,16 +64,9 @@ class ArtifactCache:
         if hashlib.sha256(data).hexdigest() != sha256:
             return False
         path = self._path(sha256)
-        tmp = path.parent / f".{sha256}.{uuid.uuid4().hex}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_atomically(path, data)
         except OSError:
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
         return True

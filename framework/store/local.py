@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import quote, unquote
 
 from framework.store import manifest as mf
+from framework.store.files import fsync_dir, replace_atomically, write_synced
 from framework.store.base import Store, check_place, move_alias, os_problem
 from framework.errors import NotFound, StoreDamaged, StoreError
 from framework.store.names import NAME_RE, check_alias, check_branch, check_doc_key
@@ -119,12 +120,12 @@ class LocalStore(Store):
             owner = open(new / OWNER, "wb")
             fcntl.flock(owner, fcntl.LOCK_EX)
             os.rename(new, stage)
-            _write(stage / "artifact.pkl", artifact)
+            write_synced(stage / "artifact.pkl", artifact)
             target.mkdir(parents=True, exist_ok=True)
             version = (self.latest(branch, name) or 0) + 1
             (stage / OWNER).unlink()  # not part of the version; the fresh mtime guards it now
             while True:
-                _write(stage / "manifest.json", self.sealed_manifest(artifact, manifest, branch, name,
+                write_synced(stage / "manifest.json", self.sealed_manifest(artifact, manifest, branch, name,
                                                                         version))
                 try:
                     os.rename(stage, target / str(version))
@@ -140,7 +141,7 @@ class LocalStore(Store):
                 owner.close()
             shutil.rmtree(stage, ignore_errors=True)
             shutil.rmtree(stage.with_name(stage.name + NEW), ignore_errors=True)
-        _fsync_dir(target)
+        fsync_dir(target)
         return version
 
     def publish_changed(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any],
@@ -252,7 +253,7 @@ class LocalStore(Store):
             with self._locked(branch, name) as directory:
                 current = self.aliases(branch, name)
                 move_alias(current, name, alias, version)
-                _replace(directory / "aliases.json", mf.dumps(current))
+                replace_atomically(directory / "aliases.json", mf.dumps(current))
         except OSError as exc:
             raise StoreError(f"cannot write aliases of {name!r} in {self.root}: {os_problem(exc)}") from exc
 
@@ -301,7 +302,7 @@ class LocalStore(Store):
                         return None
                     if etag is not None and (current is None or current[1] != etag):
                         return None
-                _replace(path, data)
+                replace_atomically(path, data)
         except OSError as exc:
             raise StoreError(f"cannot write document {key!r} in the store: {os_problem(exc)}") from exc
         return hashlib.sha256(data).hexdigest()
@@ -334,34 +335,6 @@ class LocalStore(Store):
                 doc = self.read_keys() or {}
                 change(doc)
                 # Only hashes, but nobody else needs to read them.
-                _replace(self.root / "keys.json", mf.dumps(doc), mode=0o600)
+                replace_atomically(self.root / "keys.json", mf.dumps(doc), mode=0o600)
         except OSError as exc:
             raise StoreError(f"cannot write API keys in {self.root}: {os_problem(exc)}") from exc
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write `path` atomically (a temporary file renamed over it); no temporary file is
-    left behind when anything fails."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
-    try:
-        _write(tmp, data)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
