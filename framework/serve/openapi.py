@@ -65,6 +65,12 @@ def request_schema(manifest: dict[str, Any]) -> dict[str, Any]:
             "batch": {"type": "boolean", "description": "false forces a single call"},
             "partial": {"type": "boolean", "description": "answer 200 with data and errors"},
             "timeout_seconds": {"type": "number", "exclusiveMinimum": 0},
+            "response_webhook": {"type": "string", "format": "uri", "description":
+                                 "answer {\"batchId\"} now, POST the answer to this URL later"},
+            "response_webhook_ignore_timeout": {"type": "boolean", "description":
+                                                "let a webhook call run past timeout_seconds"},
+            "response_format": {"enum": ["links"], "description":
+                                "answer {\"data\": url}: a signed, expiring link to the answer"},
         },
     }
 
@@ -80,6 +86,7 @@ def _operation(name: str, manifest: dict[str, Any], branch_param: bool) -> dict[
                             (403, "API key not allowed here"), (404, "unknown deployment or ref"),
                             (408, "body not sent within server.body_timeout_seconds"),
                             (413, "body too large"), (422, "the function raised"),
+                            (424, "the version's environment could not be built"),
                             (503, "over capacity; see Retry-After"), (504, "past its time limit"))}
     answers["200"] = {"description": "results", "content": {"application/json": {"schema": {
         "type": "object", "properties": {"data": {}, "errors": {"type": "array"}}}}}}
