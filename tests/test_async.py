@@ -198,6 +198,24 @@ def test_webhook_gets_the_synchronous_answer_and_the_batch_id(server: Server, ho
     assert [a["status"] for a in job["attempts"]] == [200]
 
 
+def test_an_accepted_call_is_logged_with_its_deployment_and_version(server: Server,
+                                                                   hooks: Receiver) -> None:
+    # By its number: no other test calls this path, so its line is the accepted call's.
+    batch_id = accept(server, "/v1/greet/1", {"data": ["ada", "hi"],
+                                               "response_webhook": f"{hooks.url}/hook"})
+    finished(server, batch_id)
+
+    def accepted(line: dict[str, Any]) -> bool:
+        return line.get("path") == "/v1/greet/1"
+
+    def lines(text: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in text.splitlines() if x.startswith("{") and '"path"' in x]
+
+    found = [x for x in lines(server.output_once(lambda t: any(map(accepted, lines(t)))))
+             if accepted(x)]
+    assert found and all(x["deployment"] == "greet" and x["version"] == 1 for x in found), found
+
+
 @pytest.mark.parametrize("path, body, status", [
     ("/v1/fails_on_negative/latest", {"data": -1}, 422),
     ("/v1/fails_on_negative/latest", {"data": [[1, 4], [2, -1]]}, 422),

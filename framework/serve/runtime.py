@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -22,6 +22,13 @@ from framework.serve.links import Links
 from framework.serve.scope import SCOPE_CALL, SCOPE_DISCONNECTED
 
 log = logging.getLogger("framework.runtime")
+
+
+class Accepted(NamedTuple):
+    """What the metrics and the access log read of a runner, for a call handed to a job."""
+
+    labels: tuple[str, str, str]
+    version: int
 
 
 class Runtime:
@@ -119,6 +126,7 @@ class Runtime:
                 version = await self.versions.resolve(branch, name, ref)
                 base = self.links.base(scope)
                 accepted = await self.jobs.accept(call, body, branch, name, version, base)
+                scope[SCOPE_CALL] = (Accepted((name, branch, str(version)), version), call)
                 return await send_json(send, 200, accepted)
             runner = self.versions.cached(branch, name, ref)
             if runner is None:
