@@ -237,6 +237,32 @@ def s3(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sto
     return S3Store(moto.new_bucket(), "p", cache=ArtifactCache(tmp_path / "cache"))
 
 
+def test_identical_deploys_racing_on_s3_publish_one_version(s3: Store) -> None:
+    """Every racer passes the "is the latest the same?" check before any has published;
+    those that then find the version they tried taken by the same content publish none."""
+    import threading
+
+    s3.publish("main", "m", *art("old"))
+    racers = [open_store_like(s3) for _ in range(4)]  # each its own client, as separate replicas
+    gate = threading.Barrier(len(racers), timeout=60)
+    for racer in racers:
+        def latest(branch: str, name: str, _racer: Store = racer) -> int | None:
+            found = type(_racer).latest(_racer, branch, name)
+            gate.wait()
+            return found
+        racer.latest = latest  # type: ignore[method-assign]
+    data, manifest = art("new")
+
+    def deploy(racer: Store) -> tuple[int, bool]:
+        return racer.publish_changed("main", "m", data, manifest,
+                                     lambda v: s3.read_artifact("main", "m", v) == data)
+
+    with ThreadPoolExecutor(len(racers)) as pool:
+        got = list(pool.map(deploy, racers))
+    assert sorted(got) == [(2, False)] * 3 + [(2, True)]
+    assert s3.versions("main", "m") == [1, 2] and s3.latest("main", "m") == 2
+
+
 def test_moto_honours_conditional_writes_and_conditional_gets(moto: MotoServer) -> None:
     """What the S3 store relies on, checked on the server itself."""
     from botocore.exceptions import ClientError

@@ -124,6 +124,19 @@ class S3Store(Store):
         self._change_refs(dep, forward)
 
     def publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any]) -> int:
+        return self._publish(branch, name, artifact, manifest, None)[0]
+
+    def publish_changed(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any],
+                        same: Callable[[int], bool]) -> tuple[int, bool]:
+        """As `Store.publish_changed`; a version claimed by a racer first is compared with
+        this content too, so identical deploys racing publish one version."""
+        latest = self.latest(branch, name)
+        if latest is not None and same(latest):
+            return latest, False
+        return self._publish(branch, name, artifact, manifest, same)
+
+    def _publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any],
+                 same: Callable[[int], bool] | None) -> tuple[int, bool]:
         dep = self._dep(branch, name)
         self.objects.check_conditional()
         sha = hashlib.sha256(artifact).hexdigest()
@@ -139,11 +152,14 @@ class S3Store(Store):
             if self.objects.put(_manifest_key(dep, version), body, create=True) is not None:
                 break
             # Taken: by a racer, or by a publisher that died before moving `latest`.
+            if same is not None and same(version):
+                self._advance(dep, version)
+                return version, False
             version = max(version + 1, self._refs(dep)[0].get("latest", 0) + 1)
         else:
             raise StoreError(f"could not claim a version of {name!r} in {self.url}; retry the deploy")
         self._advance(dep, version)
-        return version
+        return version, True
 
     def versions(self, branch: str, name: str) -> list[int]:
         dep = self._dep(branch, name)
