@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -230,3 +231,30 @@ def test_on_a_terminal_deploy_and_list_use_rich(tmp_path):
     listed = _on_a_terminal(["list"], store, root)
     assert "NAME" in listed and "─" * 10 in listed  # rich's rule under the header
     assert LocalStore(store).versions("main", "c") == [1]
+
+
+def test_ctrl_c_during_deploy_exits_130_without_a_traceback(tmp_path):
+    root, store = project(tmp_path / "p"), tmp_path / "store"
+    marker = tmp_path / "importing"
+    (root / "mod_a.py").write_text(  # holds the deploy inside the import, where Ctrl-C lands
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(60)\n"
+        + FILES["mod_a.py"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framework", "deploy"], cwd=root, env=cli_env(store),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell's background job inherits SIGINT ignored; the CLI under test must see it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no import"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in stderr
+    assert not store.exists() or LocalStore(store).deployments() == []
