@@ -192,12 +192,15 @@ def test_deploy_reports_each_deployment_as_it_goes(tmp_path):
         ("a", 2, "new"), ("b", 1, "unchanged"), ("c", 1, "unchanged")]
 
 
-def _on_a_terminal(args: list[str], store: Path, cwd: Path, timeout: float = 120) -> str:
-    """Run the CLI with stdout and stderr on a pseudo-terminal; what it drew, as text."""
+def _on_a_terminal(args: list[str], store: Path, cwd: Path, timeout: float = 120,
+                   stdout: Path | None = None) -> str:
+    """Run the CLI with stderr (and stdout, unless a file is given) on a pseudo-terminal;
+    what it drew, as text."""
     main, child = pty.openpty()
+    out_file = open(stdout, "w") if stdout else None  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "framework", *args], cwd=cwd, stdin=child,
-                            stdout=child, stderr=child, env=cli_env(store, TERM="xterm",
-                                                                    COLUMNS="120"))
+                            stdout=out_file or child, stderr=child,
+                            env=cli_env(store, TERM="xterm", COLUMNS="120"))
     os.close(child)
     out, deadline = b"", time.monotonic() + timeout
     try:
@@ -217,6 +220,8 @@ def _on_a_terminal(args: list[str], store: Path, cwd: Path, timeout: float = 120
         assert proc.wait(30) == 0, out.decode(errors="replace")
     finally:
         os.close(main)
+        if out_file:
+            out_file.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
@@ -231,6 +236,15 @@ def test_on_a_terminal_deploy_and_list_use_rich(tmp_path):
     listed = _on_a_terminal(["list"], store, root)
     assert "NAME" in listed and "─" * 10 in listed  # rich's rule under the header
     assert LocalStore(store).versions("main", "c") == [1]
+
+
+def test_deploy_json_to_a_file_while_the_terminal_shows_progress(tmp_path):
+    root, store, records = project(tmp_path / "p"), tmp_path / "store", tmp_path / "out.jsonl"
+    drawn = _on_a_terminal(["deploy", "--json"], store, root, stdout=records)
+    assert "published b v1" in drawn and '"status"' not in drawn
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [(r["name"], r["status"]) for r in lines] == [("a", "new"), ("b", "new"), ("c", "new")]
+    assert lines[0]["url"].endswith("/v1/a/main/1")
 
 
 def test_ctrl_c_during_deploy_exits_130_without_a_traceback(tmp_path):

@@ -74,10 +74,11 @@ def print_table(rows: list[list[Any]], header: list[str]) -> None:
     from rich.box import SIMPLE_HEAD
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*header, box=SIMPLE_HEAD, header_style="bold")
-    for r in rows:
-        table.add_row(*("-" if c is None else str(c) for c in r))
+    for r in rows:  # Text, so a "[...]" in a note or a name is never read as rich markup
+        table.add_row(*(Text("-" if c is None else str(c)) for c in r))
     Console().print(table)
 
 

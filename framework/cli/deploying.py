@@ -26,26 +26,32 @@ class Steps:
     """
 
     def __init__(self) -> None:
-        self.console = self.status = None
+        self.console = self.live = None
         if sys.stderr.isatty():
             from rich.console import Console
+            from rich.live import Live
+            from rich.spinner import Spinner
 
             self.console = Console(stderr=True, highlight=False)
-            self.status = self.console.status("importing modules")
-            self.status.start()
+            self.spinner = Spinner("dots", "importing modules")
+            # stdout is redirected through the display only when it is this terminal too:
+            # `deploy --json > records.jsonl` must still write its records to the file.
+            self.live = Live(self.spinner, console=self.console, transient=True,
+                             redirect_stdout=sys.stdout.isatty(), redirect_stderr=False)
+            self.live.start()
 
     def line(self, text: str, next_step: str | None = None) -> None:
         if self.console is None:
             print(text, file=sys.stderr, flush=True)
             return
-        self.console.print(text)
-        if next_step and self.status is not None:
-            self.status.update(next_step)
+        self.console.print(text, markup=False)
+        if next_step:
+            self.spinner.update(text=next_step)
 
     def stop(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 @click.command("deploy")
