@@ -146,6 +146,8 @@ def test_show_json_is_the_manifest(deployed):
 
 
 @pytest.mark.parametrize("args, words", [
+    ([], ["missing command", "`framework --help`"]),
+    (["keys"], ["missing command", "`framework keys --help`"]),
     (["list", "--bogus"], ["no such option", "--bogus", "`framework list --help`"]),
     (["versions"], ["missing argument 'NAME'", "`framework versions --help`"]),
     (["promote", "a"], ["missing option '--from'", "`framework promote --help`"]),

@@ -41,7 +41,7 @@ USAGE, INTERRUPTED = 2, 130
 SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
-@click.group("framework", context_settings=SETTINGS)
+@click.group("framework", context_settings=SETTINGS, no_args_is_help=False)
 @click.version_option(__version__, "--version", prog_name="framework",
                       message="%(prog)s %(version)s", help="print the version and exit")
 @config_option

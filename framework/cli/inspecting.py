@@ -104,7 +104,7 @@ def show(name: str, ref: str, branch: str | None, as_json: bool) -> int:
     return 0
 
 
-@click.group("alias")
+@click.group("alias", no_args_is_help=False)
 def alias() -> None:
     """Set, remove or list aliases (movable names for versions)."""
 

@@ -7,7 +7,7 @@ import click
 from framework.cli.common import config_option, load_config, note, print_table
 
 
-@click.group("keys")
+@click.group("keys", no_args_is_help=False)
 def keys() -> None:
     """Create, list or revoke API keys (the first one turns keys on)."""
 
