@@ -14,8 +14,9 @@ from framework import lifecycle, registry
 from framework.cli.common import config_option, load_config, note, print_table, size
 from framework.errors import ConfigError, NotFound
 
-if TYPE_CHECKING:  # only annotations: deploy imports it when it runs
+if TYPE_CHECKING:  # only in annotations
     from framework.publish import Result
+    from framework.store import Store
 
 
 class Steps:
@@ -73,11 +74,10 @@ def deploy(branch: str | None, dry_run: bool, as_json: bool) -> int:
     branch = lifecycle.deploy_branch(branch, cfg)
     steps = Steps()
     try:
-        results = _deploy(cfg, branch, dry_run, as_json, steps)
+        store, results = _deploy(cfg, branch, dry_run, as_json, steps)
     finally:
         steps.stop()
     if not dry_run:
-        store = cfg.open_store()
         for name, alias, version in lifecycle.apply_pins(cfg, store, branch):
             note(f"alias {alias} of {name} -> v{version} (pinned in {cfg.path})")
     if not as_json:
@@ -89,7 +89,7 @@ def deploy(branch: str | None, dry_run: bool, as_json: bool) -> int:
 
 
 def _deploy(cfg: cfgmod.Config, branch: str, dry_run: bool, as_json: bool, steps: Steps
-            ) -> list[Result]:
+            ) -> tuple[Store, list[Result]]:
     from framework.publish import import_modules, publish_all, roots_of
 
     seen: set[str] = set()
@@ -128,7 +128,7 @@ def _deploy(cfg: cfgmod.Config, branch: str, dry_run: bool, as_json: bool, steps
             print(json.dumps({**r.as_dict(), "url": lifecycle.url_of(cfg, r)}), flush=True)
 
     names = [d.name for d in deps]
-    return publish_all(
+    return store, publish_all(
         store, deps, branch=branch, roots=roots_of(cfg), dry_run=dry_run,
         on_result=on_result, on_packed=on_packed,
         before_publish=lambda changed: lifecycle.check_pins(cfg, store, branch, names, changed),
