@@ -182,7 +182,7 @@ def test_a_version_built_with_another_python_is_served_by_that_python_where_inst
     env = {"UV_SYSTEM_CERTS": "1", "UV_NATIVE_TLS": "1", **os.environ}  # as the server builds
     subprocess.run([find_uv_bin(), "venv", "-q", "--python", python, str(venv)], check=True, env=env)
     subprocess.run([find_uv_bin(), "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                    "cloudpickle", "pyyaml", "orjson"], check=True, timeout=600, env=env)
+                    "cloudpickle", "pyyaml", "orjson", "click"], check=True, timeout=600, env=env)
     (tmp_path / "m.py").write_text(
         "import sys\nfrom framework import deployment\n\n\n@deployment\ndef which(x):\n"
         "    return [x, '%d.%d' % sys.version_info[:2]]\n")

@@ -9,42 +9,54 @@ start and end, rows, failed rows). Progress goes to a rich bar on a terminal;
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
+
+import click
 
 from framework.batch.engines import ENGINES
 from framework.errors import ConfigError, DeploymentFailed, FrameworkError
 
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="NAME[@REF]", help="deployment, and a version, latest "
-                   "(default) or an alias")
-    p.add_argument("--input", required=True, help="a Parquet file, a directory of them, or a CSV")
-    p.add_argument("--output", required=True, help="NAME.parquet, NAME.csv, or a directory "
-                   "of Parquet parts")
-    p.add_argument("--branch", help="default: deploy.yaml's branch, else main")
-    p.add_argument("--map", action="append", default=[], metavar="PARAM=COLUMN",
-                   help="take PARAM from COLUMN (repeatable; default: the column named PARAM)")
-    p.add_argument("--id-column", help="input column copied to the output as each row's id "
-                   "(default: a `row` column, the input's row number)")
-    p.add_argument("--chunk-rows", type=int, default=10_000,
-                   help="rows per call of a vectorized deployment (default 10000)")
-    p.add_argument("--partition-rows", type=int, default=100_000,
-                   help="rows per partition, the unit of work and of output (default 100000)")
-    p.add_argument("--engine", choices=ENGINES, default="local")
-    p.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
-    p.add_argument("--address", help="dask scheduler or Ray cluster address (default: start one "
-                   "on this machine, on loopback)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--json", action="store_true", help="print a one-line JSON summary")
+def options(f: F) -> F:
+    """The command's argument and options, as click decorators (the CLI defines the command)."""
+    for decorator in reversed((
+        click.argument("target", metavar="NAME[@REF]"),
+        click.option("--input", required=True, metavar="PATH",
+                     help="a Parquet file, a directory of them, or a CSV"),
+        click.option("--output", required=True, metavar="PATH",
+                     help="NAME.parquet, NAME.csv, or a directory of Parquet parts"),
+        click.option("--branch", metavar="BRANCH", help="the branch to read",
+                     show_default="deploy.yaml's branch, else main"),
+        click.option("--map", multiple=True, metavar="PARAM=COLUMN",
+                     help="take PARAM from COLUMN (repeatable)",
+                     show_default="the column named PARAM"),
+        click.option("--id-column", metavar="COLUMN",
+                     help="input column copied to the output as each row's id",
+                     show_default="a `row` column, the input's row number"),
+        click.option("--chunk-rows", type=int, default=10_000,
+                     help="rows per call of a vectorized deployment"),
+        click.option("--partition-rows", type=int, default=100_000,
+                     help="rows per partition, the unit of work and of output"),
+        click.option("--engine", type=click.Choice(ENGINES), default="local",
+                     help="where partitions are scored"),
+        click.option("--workers", type=int, metavar="N", help="worker processes",
+                     show_default="CPU count"),
+        click.option("--address", metavar="ADDRESS", help="dask scheduler or Ray cluster address",
+                     show_default="start one on this machine, on loopback"),
+        click.option("--overwrite", is_flag=True, help="replace an existing --output"),
+        click.option("--json", is_flag=True, help="print a one-line JSON summary on stdout"),
+    )):
+        f = decorator(f)
+    return f
 
 
 def _need_pyarrow() -> None:
@@ -120,8 +132,9 @@ class _Progress:
             self.bar.stop()
 
 
-def run(args: argparse.Namespace, cfg: Any) -> int:
-    """The `batch` command; `cfg` is the loaded `framework.config.Config`."""
+def run(args: Any, cfg: Any) -> int:
+    """The `batch` command; `args` holds the options by name, `cfg` is the loaded
+    `framework.config.Config`."""
     _need_pyarrow()
     from framework.batch import io
     from framework.batch.score import Job

@@ -69,8 +69,9 @@ class _ProjectFinder:
         return spec
 
 
-def import_modules(cfg: cfgmod.Config) -> None:
-    """Import `modules:` from deploy.yaml, with the config's directory importable."""
+def import_modules(cfg: cfgmod.Config, on_imported: Callable[[str], None] | None = None) -> None:
+    """Import `modules:` from deploy.yaml, with the config's directory importable.
+    `on_imported` gets each module's name once it is imported (the CLI shows progress)."""
     if not cfg.modules:
         raise ConfigError(
             f"{cfg.path or cfgmod.CONFIG_NAME}: modules: nothing to deploy; list the modules "
@@ -91,6 +92,8 @@ def import_modules(cfg: cfgmod.Config) -> None:
                     f"{cfg.path or cfgmod.CONFIG_NAME}: modules: cannot import {module!r}: {last}; "
                     "fix the module or remove it from the list"
                 ) from exc
+            if on_imported is not None:
+                on_imported(module)
     finally:
         sys.meta_path.remove(finder)
 
@@ -149,17 +152,22 @@ def publish_all(
     dry_run: bool = False,
     on_result: Callable[[Result], None] | None = None,
     before_publish: Callable[[list[str]], None] | None = None,
+    on_packed: Callable[[Package], None] | None = None,
 ) -> list[Result]:
     """Pack all, then publish each whose content differs from its latest version.
 
     `before_publish` gets the names that would get a new version, once everything
     is packed and before anything is written (dry runs included): it may raise
-    to stop the deploy.
+    to stop the deploy. `on_packed` gets each package as it is packed.
     """
     check_branch(branch)
     # Fail on an unwritable store before spending minutes packing large models.
     store.check_writable()
-    packages: list[Package] = [pack(d, branch=branch, roots=roots) for d in deployments]
+    packages: list[Package] = []
+    for d in deployments:
+        packages.append(pack(d, branch=branch, roots=roots))
+        if on_packed is not None:
+            on_packed(packages[-1])
     unchanged = {p.name: unchanged_version(store, branch, p.name, p.manifest["content_sha256"])
                  for p in packages}
     if before_publish is not None:
