@@ -266,7 +266,7 @@ def dictionary_columns(table: pa.Table | None) -> list[str]:
             continue
         values = [v for v in col.to_pylist() if v is not None]
         try:
-            repeats = len(set(values)) <= len(values) // 2
+            repeats = len(set(values)) <= max(1, len(values) // 2)
         except TypeError:  # values Python cannot hash: leave them to the default
             repeats = True
         if repeats or not values:  # all null in the sample: may repeat later
