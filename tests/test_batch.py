@@ -401,7 +401,8 @@ def test_ctrl_c_stops_workers_and_leaves_no_output(project: Path, tmp_path: Path
         assert len(workers) >= 2  # the two workers (and the process that forks them, if any)
         # No thread runs in the driver (no progress bar: stderr is a pipe), so the workers
         # are forked from it directly: its children, running its command line.
-        forked = [p for p in workers if _parent(p) == proc.pid and _cmdline(p) == _cmdline(proc.pid)]
+        forked = [p for p in workers
+                  if _parent(p) == proc.pid and _cmdline(p) == _cmdline(proc.pid)]
         assert len(forked) == 2, (workers, [_cmdline(p) for p in workers])
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
