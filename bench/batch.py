@@ -1,7 +1,8 @@
 """Benchmark `framework batch`: rows/s for a vectorized and a per-row deployment, the
 local engine against a single-process pyarrow loop, Dask against local, peak memory.
 
-    python bench/batch.py [--rows 2000000] [--repeat 3] [--workers 2] [--ray]
+    python bench/batch.py [--rows 2000000] [--repeat 3] [--workers 2] [--cases vec,row,cpu,dask]
+                          [--ray]
 
 Each case runs the real command in a subprocess, on a table this script writes
 into a temporary directory; it prints the median of `--repeat` runs. "job" rows/s
@@ -10,6 +11,9 @@ excluded); "wall" is the whole command, Python start included; "rows/CPU-s"
 divides by the CPU time of every process of the run, a figure that other load on
 a shared machine does not change much. Peak memory is
 the largest resident set of any one process of the run (driver or worker).
+The single-process loop's runs alternate with the local engine's, so that both
+see the same load; the lines starting `target:` say whether issue 18's targets
+were met.
 """
 
 from __future__ import annotations
@@ -128,13 +132,36 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+CASES = {  # name: (label, deployment, engine)
+    "vec": ("vectorized, local", "vec", "local"),
+    "row": ("per-row, local", "row", "local"),
+    "cpu": ("CPU-bound per-row, local", "cpu", "local"),
+    "dask": ("CPU-bound per-row, dask", "cpu", "dask"),
+    "ray": ("CPU-bound per-row, ray", "cpu", "ray"),
+}
+VECTORIZED_TARGET = 1_000_000  # rows/s, the local engine (issue 18)
+SPEEDUP_TARGET = 1.5  # local engine with 2 workers over the single-process loop, CPU-bound
+ISSUE_ROWS = 2_000_000  # the table size the targets are set for
+
+
+def verdict(ok: bool, rows: int) -> str:
+    note = "" if rows == ISSUE_ROWS else f" (the target is set for {ISSUE_ROWS:,} rows)"
+    return ("met" if ok else "NOT met") + note
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--rows", type=int, default=ISSUE_ROWS)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cases", default="vec,row,cpu,dask",
+                   help=f"comma-separated, of {','.join(CASES)} (cpu also runs the 1-process loop)")
     p.add_argument("--ray", action="store_true", help="also time --engine ray (needs ray[data])")
     args = p.parse_args()
+    names = [c for c in args.cases.split(",") if c] + (["ray"] if args.ray else [])
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        raise SystemExit(f"--cases: unknown {unknown}; choose from {list(CASES)}")
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         work = Path(tmp)
         (work / "benchmodels.py").write_text(textwrap.dedent(MODULE))
@@ -145,32 +172,42 @@ def main() -> None:
                        work / "in.parquet", row_group_size=100_000)
         print(f"{args.rows:,} rows, {args.workers} workers, median of {args.repeat}, "
               f"{os.cpu_count()} CPUs (shared: other work may be running)")
-        cases = [("vectorized, local", "vec", "local"), ("per-row, local", "row", "local"),
-                 ("CPU-bound per-row, local", "cpu", "local"),
-                 ("CPU-bound per-row, dask", "cpu", "dask")]
-        if args.ray:
-            cases.append(("CPU-bound per-row, ray", "cpu", "ray"))
-        results = {}
-        for label, name, engine in cases:
-            runs = [run_batch(work, name, engine, args.workers, "out.parquet")
-                    for _ in range(args.repeat)]
-            results[label] = runs
+        results: dict[str, list[dict[str, float]]] = {}
+        singles: list[tuple[float, float]] = []
+        for name in dict.fromkeys(names):
+            label, deployment, engine = CASES[name]
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(run_batch(work, deployment, engine, args.workers, "out.parquet"))
+                if name == "cpu":  # alternated with the engine's runs: both see the same load
+                    singles.append(run_single(work))
+            results[name] = runs
             print(f"{label:28} {median(runs, 'job'):>12,.0f} rows/s job  "
                   f"{median(runs, 'wall'):>12,.0f} rows/s wall  "
                   f"{median(runs, 'cpu'):>12,.0f} rows/CPU-s  "
                   f"peak {max(r['peak_mb'] for r in runs):,.0f} MB/process")
-        singles = [run_single(work) for _ in range(args.repeat)]
+        if "vec" in results:
+            vec = median(results["vec"], "job")
+            print(f"target: vectorized, local >= {VECTORIZED_TARGET:,} rows/s (job): "
+                  f"{vec:,.0f}, {verdict(vec >= VECTORIZED_TARGET, args.rows)}")
+        if "cpu" not in results:
+            return
         single = statistics.median(w for w, _ in singles)
         print(f"{'CPU-bound, 1-process loop':28} {single:>12,.0f} rows/s (no start-up counted) "
               f"{statistics.median(c for _, c in singles):>12,.0f} rows/CPU-s")
-        local = median(results["CPU-bound per-row, local"], "job")
-        dask = median(results["CPU-bound per-row, dask"], "job")
+        local = median(results["cpu"], "job")
+        pairs = statistics.median(r["job"] / w for r, (w, _) in zip(results["cpu"], singles))
         print(f"local {args.workers} workers / single-process loop: {local / single:.2f}x "
-              f"(job), {median(results['CPU-bound per-row, local'], 'wall') / single:.2f}x (wall)")
-        print(f"dask / local (CPU-bound per-row): {dask / local:.2f}x")
-        if args.ray:
-            print(f"ray / local (CPU-bound per-row): "
-                  f"{median(results['CPU-bound per-row, ray'], 'job') / local:.2f}x")
+              f"(job), {median(results['cpu'], 'wall') / single:.2f}x (wall), "
+              f"{pairs:.2f}x (median of the runs side by side)")
+        if args.workers == 2:
+            print(f"target: local 2 workers >= {SPEEDUP_TARGET}x the single-process loop (job, "
+                  f"CPU-bound per-row): {local / single:.2f}x, "
+                  f"{verdict(local / single >= SPEEDUP_TARGET, args.rows)}")
+        for other in ("dask", "ray"):
+            if other in results:
+                print(f"{other} / local (CPU-bound per-row): "
+                      f"{median(results[other], 'job') / local:.2f}x")
 
 
 if __name__ == "__main__":

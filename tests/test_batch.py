@@ -6,6 +6,7 @@ The local and Dask engines run by default; Ray's test is opt-in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from conftest import cli_env, run_cli  # noqa: E402
 from framework.batch import io  # noqa: E402
-from framework.batch.score import Job, run_partition  # noqa: E402
+from framework.batch.score import Job, run_partition, score_table  # noqa: E402
 
 ROWS = 200_000
 NULL_ROWS = (17, 123_456)
@@ -49,6 +50,11 @@ def row(x, name):
 def slow(x):
     time.sleep(0.002)
     return x * (VERSION - 1)
+
+
+@deployment
+def parity(x):
+    return "odd" if x % 2 else "even"
 
 
 @deployment
@@ -155,6 +161,61 @@ def test_csv_in_and_out_with_map_and_id_column(project: Path) -> None:
     assert (record["name"], record["version"], record["rows"], record["failed_rows"]) == (
         "row", 1, ROWS, 2)
     assert leftovers(project) == []
+
+
+def test_a_parquet_output_dictionary_encodes_only_the_columns_that_repeat(project: Path) -> None:
+    """A per-row function of one column, its failing rows, and the merged file's encodings."""
+    out = project / "parity.parquet"
+    batch(project, "parity", "--input", "in.parquet", "--output", str(out), "--workers", "2",
+          "--partition-rows", "40000")
+    got = pq.read_table(out).to_pydict()
+    assert got["row"] == list(range(ROWS))
+    for i in range(ROWS):
+        if i in NULL_ROWS:
+            assert got["result"][i] is None and got["error"][i].startswith("TypeError"), i
+        else:
+            assert (got["result"][i], got["error"][i]) == ("odd" if i % 2 else "even", None), i
+    meta = pq.ParquetFile(out).metadata
+    encodings = {meta.schema.column(c).name: meta.row_group(0).column(c).encodings
+                 for c in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["result"], encodings  # two values: a dictionary
+    assert "RLE_DICTIONARY" not in encodings["row"], encodings  # all distinct: plain
+
+
+def _table_job() -> Job:
+    return Job(store="unused", branch="main", name="t", version=1, sha256="", vectorized=False,
+               columns=(), id_column=None, chunk_rows=10, parts_dir="", part_suffix=".arrow")
+
+
+def test_every_shape_of_per_row_call_puts_each_failure_on_its_row() -> None:
+    """One column by position, several by position, by keyword, and none (all defaults)."""
+    table = pa.table({"x": [1, None, 3, 4], "y": [10, 20, None, 40]})
+
+    def one(x):
+        return x * 2
+
+    def two(x, y):
+        return x + y
+
+    def keywords(*, y, x):
+        return x - y
+
+    def defaults(z=5):
+        return z
+
+    cases = [
+        (one, (("x", "x"),), [2, None, 6, 8], [1]),
+        (two, (("x", "x"), ("y", "y")), [11, None, None, 44], [1, 2]),
+        (keywords, (("y", "y"), ("x", "x")), [-9, None, None, -36], [1, 2]),
+        (defaults, (), [5, 5, 5, 5], []),
+    ]
+    for fn, columns, results, failed in cases:
+        job = dataclasses.replace(_table_job(), columns=columns)
+        got = score_table(job, fn, table, 100).to_pydict()
+        assert got["row"] == [100, 101, 102, 103], fn.__name__
+        assert got["result"] == results, fn.__name__
+        assert [i for i, e in enumerate(got["error"]) if e] == failed, fn.__name__
+        assert all(got["error"][i].startswith("TypeError") for i in failed), got["error"]
 
 
 def test_a_missing_column_is_named_before_any_work(project: Path) -> None:
@@ -299,6 +360,20 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -323,7 +398,12 @@ def test_ctrl_c_stops_workers_and_leaves_no_output(project: Path, tmp_path: Path
             assert time.monotonic() < deadline, "no partition finished within 60 s"
             time.sleep(0.1)
         workers = _descendants(proc.pid)
-        assert len(workers) >= 2  # the two workers (and the process that forks them)
+        assert len(workers) >= 2  # the two workers (and the process that forks them, if any)
+        # No thread runs in the driver (no progress bar: stderr is a pipe), so the workers
+        # are forked from it directly: its children, running its command line.
+        forked = [p for p in workers
+                  if _parent(p) == proc.pid and _cmdline(p) == _cmdline(proc.pid)]
+        assert len(forked) == 2, (workers, [_cmdline(p) for p in workers])
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -35,6 +35,7 @@ from framework.errors import ConfigError
 
 META_KEY = b"framework"  # the Parquet schema-metadata key holding the job's record
 DIR_META = "_framework.json"  # the same record, in a directory output
+DICTIONARY_SAMPLE = 10_000  # rows looked at to decide whether a column repeats its values
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class Output:
 
     def _unified(self, files: list[Path]) -> tuple[pa.Schema, list[str]]:
         """One schema for every part, and the columns to turn into JSON text."""
-        schemas = [_read_part(f).schema.remove_metadata() for f in files]
+        schemas = [_part_schema(f).remove_metadata() for f in files]
         if not schemas:  # an input without rows: the columns every output has
             schemas = [pa.schema([("row", pa.int64()), ("error", pa.string())])]
         try:
@@ -210,7 +211,9 @@ class Output:
             for field in schema:  # a column every row of this part failed on
                 if field.name not in t.column_names:
                     t = t.append_column(field, pa.nulls(t.num_rows, field.type))
-            yield t.select(schema.names).cast(schema)
+            t = t.select(schema.names)
+            # A cast is only needed when parts differ (and pulls in pyarrow.compute).
+            yield t if t.schema.equals(schema, check_metadata=False) else t.cast(schema)
 
     def commit(self, record: dict[str, Any], expected_parts: int) -> None:
         """Build the destination from the parts, then rename it into place."""
@@ -231,7 +234,8 @@ class Output:
         tmp = self.staging / ("out." + self.kind)
         if self.kind == "parquet":
             schema = schema.with_metadata({META_KEY: json.dumps(record, sort_keys=True).encode()})
-            with pq.ParquetWriter(tmp, schema) as writer:
+            first = next((t for t in self._tables(files, schema, as_json) if t.num_rows), None)
+            with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(first)) as writer:
                 for t in self._tables(files, schema, as_json):
                     writer.write_table(t.replace_schema_metadata(schema.metadata))
         else:
@@ -244,6 +248,36 @@ class Output:
             os.replace(side_tmp, self.sidecar)
         os.replace(tmp, self.path)
         self.abort()
+
+
+def dictionary_columns(table: pa.Table | None) -> list[str]:
+    """The flat columns worth dictionary-encoding in Parquet: those repeating values.
+
+    Parquet writers dictionary-encode every column by default; for a column of mostly
+    distinct values (the row number, a float score) building the dictionary, which is
+    then dropped, is most of the write. So each column is judged on a sample.
+    """
+    if table is None:
+        return []
+    sample = table.slice(0, DICTIONARY_SAMPLE)
+    wanted = []
+    for name, col in zip(sample.column_names, sample.columns):
+        if pa.types.is_nested(col.type):
+            continue
+        values = [v for v in col.to_pylist() if v is not None]
+        try:
+            repeats = len(set(values)) <= max(1, len(values) // 2)
+        except TypeError:  # values Python cannot hash: leave them to the default
+            repeats = True
+        if repeats or not values:  # all null in the sample: may repeat later
+            wanted.append(name)
+    return wanted
+
+
+def _part_schema(path: Path) -> pa.Schema:
+    if path.suffix == ".arrow":
+        return pa.ipc.open_file(pa.memory_map(str(path))).schema
+    return pq.read_schema(path)
 
 
 def _read_part(path: Path) -> pa.Table:
@@ -262,5 +296,5 @@ def write_part(parts_dir: str, suffix: str, index: int, table: pa.Table,
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
     else:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, use_dictionary=dictionary_columns(table))
     os.replace(tmp, final)

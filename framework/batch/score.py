@@ -146,22 +146,35 @@ def _per_row(job: Job, fn: Callable[..., Any], table: pa.Table
     names = [p for p, _ in job.columns]
     cols = [table.column(c).to_pylist() for _, c in job.columns]
     errors: list[str | None] = [None] * table.num_rows
+    results: list[Any] = []
+    append = results.append
     # The common case, columns for the leading parameters in order, passes them by position:
     # building keyword arguments for every row costs as much as a small function itself.
+    # The loops below are spelled out per case, as any work per row (an enumerate, a tuple
+    # to unpack) is paid on every row; a failed row's index is the results so far.
     if names == [p.name for p in order[:len(names)]] and all(
             p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in order[:len(names)]):
-        rows: Any = zip(*cols)
-        kwargs = False
-    else:
-        rows = (dict(zip(names, values)) for values in zip(*cols))
-        kwargs = True
-    results: list[Any] = []
-    for i, row in enumerate(rows):
+        if len(cols) == 1:
+            for x in cols[0]:
+                try:
+                    append(call(x))
+                except Exception as exc:  # noqa: BLE001 - the row's failure is its error column
+                    errors[len(results)] = error_text(exc)
+                    append(None)
+        else:  # several columns, or none (every parameter taking its default)
+            for row in zip(*cols) if cols else [()] * table.num_rows:
+                try:
+                    append(call(*row))
+                except Exception as exc:  # noqa: BLE001 - the row's failure is its error column
+                    errors[len(results)] = error_text(exc)
+                    append(None)
+        return results, errors
+    for values in zip(*cols):
         try:
-            results.append(call(**row) if kwargs else call(*row))
+            append(call(**dict(zip(names, values))))
         except Exception as exc:  # noqa: BLE001 - the row's failure is its error column
-            results.append(None)
-            errors[i] = error_text(exc)
+            errors[len(results)] = error_text(exc)
+            append(None)
     return results, errors
 
 

@@ -1,13 +1,16 @@
 """`--engine local`: worker processes on this machine (concurrent.futures).
 
-Workers are forked from a `forkserver` that has imported the scoring code once,
-so none inherits the driver's threads (the progress bar's) and none pays for
-the imports again; they ignore SIGINT: Ctrl-C reaches the driver, which stops
-them itself.
+Workers are forked from the driver when it runs no other thread: they start
+at once, with its imports (pyarrow, the scoring code) already done. With a
+thread running (the progress bar's on a terminal), a fork could copy a lock
+that thread holds, so the workers are forked from a `forkserver` instead,
+which imports the scoring code once. Either way the version is loaded once per
+worker. Workers ignore SIGINT: Ctrl-C reaches the driver, which stops them.
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import signal
 import threading
@@ -24,15 +27,31 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# pandas too, when installed: pyarrow imports it on the first pa.array() of each process,
+# a cost better paid once before the workers start than in every one of them.
+PRELOAD = ["framework.batch.score", "pandas"]
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # A fork started with only this thread copies no lock another thread holds. (The pool
+    # forks all its workers on the first submit, before it starts a thread of its own.)
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        for module in PRELOAD:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # a missing module is skipped
+    return ctx
+
+
 def run(job: Job, parts: list[Partition], on_done: Callable[[dict[str, Any]], None], *,
         workers: int, address: str | None = None) -> None:
     if address:
         raise ConfigError("--address is for --engine dask or ray; the local engine runs here")
-    ctx = multiprocessing.get_context("forkserver")
-    # pandas too, when installed: pyarrow imports it on the first pa.array() of each process,
-    # a cost better paid once here than in every worker (a missing module is skipped).
-    ctx.set_forkserver_preload(["framework.batch.score", "pandas"])
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(parts)) or 1, mp_context=ctx,
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(parts)) or 1, mp_context=_context(),
                                initializer=_ignore_sigint)
     # Ctrl-C sets a flag that the loop below acts on between waits: a KeyboardInterrupt
     # raised anywhere (inside `submit`, or `wait` holding the futures' locks) could leave a
