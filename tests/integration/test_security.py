@@ -210,19 +210,6 @@ def test_signed_versions_load_and_unsigned_or_tampered_ones_are_refused(
         plain.stop()
 
 
-def test_setting_a_signing_key_republishes_unsigned_versions(tmp_path, monkeypatch):
-    store = str(tmp_path / "store")
-    monkeypatch.delenv("FRAMEWORK_SIGNING_KEY", raising=False)
-    assert framework.deploy(triple, store=store) == 1
-    assert framework.deploy(triple, store=store) == 1  # unchanged
-    monkeypatch.setenv("FRAMEWORK_SIGNING_KEY", KEY_A)
-    assert framework.deploy(triple, store=store) == 2  # signed now
-    assert framework.deploy(triple, store=store) == 2
-    monkeypatch.setenv("FRAMEWORK_SIGNING_KEY", "short")
-    with pytest.raises(framework.FrameworkError, match="at least 16"):
-        framework.deploy(triple, store=store)
-
-
 def test_cli_deploy_signs_and_the_signature_covers_the_manifest(tmp_path):
     store = tmp_path / "store"
     run_cli("deploy", store=store, FRAMEWORK_SIGNING_KEY=KEY_A)
