@@ -7,7 +7,6 @@ allow through `server.webhook_allow`; a server without that entry refuses it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -121,16 +120,7 @@ def start(store: Path, where: Path, **server: Any) -> Server:
     where.mkdir(parents=True, exist_ok=True)
     config = where / "deploy.yaml"
     config.write_text(yaml.safe_dump({"server": server}))
-    # conftest's Server writes its log under $TMPDIR: here, under pytest's tmp_path.
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(where)
-    try:
-        return Server(store, FRAMEWORK_CONFIG=str(config))
-    finally:
-        if saved is None:
-            del os.environ["TMPDIR"]
-        else:
-            os.environ["TMPDIR"] = saved
+    return Server(store, log_dir=where, FRAMEWORK_CONFIG=str(config))
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,11 @@ def doubler_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def serve(store: Path, project: Path, settings_yaml: str, monkeypatch: pytest.MonkeyPatch) -> Server:
+def serve(store: Path, project: Path, settings_yaml: str) -> Server:
     """A server whose deploy.yaml holds `server: {settings_yaml}`, logging under `project`."""
     project.mkdir(exist_ok=True)
     (project / "deploy.yaml").write_text(f"server: {{{settings_yaml}}}\n")
-    monkeypatch.setenv("TMPDIR", str(project))  # the server's log goes under pytest's tmp_path
-    return Server(store, cwd=project)
+    return Server(store, cwd=project, log_dir=project)
 
 
 def stalled(port: int, sent: bytes = b'{"data": ', length: int = 100) -> socket.socket:
@@ -90,9 +89,8 @@ def closing() -> Iterator[list[socket.socket]]:
         s.close()
 
 
-def test_senders_stalled_mid_body_take_no_inference_capacity(doubler_store, tmp_path, monkeypatch, closing):
-    server = serve(doubler_store, tmp_path / "p", "max_concurrency: 100, body_timeout_seconds: 120",
-                   monkeypatch)
+def test_senders_stalled_mid_body_take_no_inference_capacity(doubler_store, tmp_path, closing):
+    server = serve(doubler_store, tmp_path / "p", "max_concurrency: 100, body_timeout_seconds: 120")
     try:
         for _ in range(300):
             closing.append(stalled(server.port))
@@ -128,9 +126,8 @@ def test_senders_stalled_mid_body_take_no_inference_capacity(doubler_store, tmp_
     assert "Traceback" not in server.output()
 
 
-def test_a_body_not_sent_in_time_gets_408_and_its_connection_is_closed(doubler_store, tmp_path,
-                                                                       monkeypatch, closing):
-    server = serve(doubler_store, tmp_path / "p", "body_timeout_seconds: 0.5", monkeypatch)
+def test_a_body_not_sent_in_time_gets_408_and_its_connection_is_closed(doubler_store, tmp_path, closing):
+    server = serve(doubler_store, tmp_path / "p", "body_timeout_seconds: 0.5")
     try:
         sent = b'{"data": [[1, '
         sock = stalled(server.port, sent)
@@ -149,9 +146,8 @@ def test_a_body_not_sent_in_time_gets_408_and_its_connection_is_closed(doubler_s
     assert "Traceback" not in server.output()
 
 
-def test_a_body_sent_slowly_in_pieces_within_the_limit_is_answered(doubler_store, tmp_path,
-                                                                   monkeypatch, closing):
-    server = serve(doubler_store, tmp_path / "p", "body_timeout_seconds: 60", monkeypatch)
+def test_a_body_sent_slowly_in_pieces_within_the_limit_is_answered(doubler_store, tmp_path, closing):
+    server = serve(doubler_store, tmp_path / "p", "body_timeout_seconds: 60")
     try:
         body = orjson.dumps({"data": [[i, i] for i in range(50)]})
         pieces = [body[i:i + 40] for i in range(0, len(body), 40)]
@@ -167,8 +163,8 @@ def test_a_body_sent_slowly_in_pieces_within_the_limit_is_answered(doubler_store
         server.stop()
 
 
-def test_a_client_leaving_mid_body_is_not_an_error(doubler_store, tmp_path, monkeypatch):
-    server = serve(doubler_store, tmp_path / "p", "body_timeout_seconds: 60", monkeypatch)
+def test_a_client_leaving_mid_body_is_not_an_error(doubler_store, tmp_path):
+    server = serve(doubler_store, tmp_path / "p", "body_timeout_seconds: 60")
     try:
         for _ in range(5):
             stalled(server.port).close()
@@ -182,8 +178,8 @@ def test_a_client_leaving_mid_body_is_not_an_error(doubler_store, tmp_path, monk
         assert crash not in lines
 
 
-def test_rows_over_max_rows_are_413_naming_the_limit(doubler_store, tmp_path, monkeypatch):
-    server = serve(doubler_store, tmp_path / "p", "max_rows: 10", monkeypatch)
+def test_rows_over_max_rows_are_413_naming_the_limit(doubler_store, tmp_path):
+    server = serve(doubler_store, tmp_path / "p", "max_rows: 10")
     try:
         resp = server.post(PATH, {"data": [[i, i] for i in range(11)]})
         assert resp.status_code == 413
@@ -197,9 +193,8 @@ def test_rows_over_max_rows_are_413_naming_the_limit(doubler_store, tmp_path, mo
         server.stop()
 
 
-def test_bodies_over_a_megabyte_are_parsed_and_answered_like_small_ones(doubler_store, tmp_path,
-                                                                        monkeypatch):
-    server = serve(doubler_store, tmp_path / "p", "max_rows: 200000", monkeypatch)
+def test_bodies_over_a_megabyte_are_parsed_and_answered_like_small_ones(doubler_store, tmp_path):
+    server = serve(doubler_store, tmp_path / "p", "max_rows: 200000")
     try:
         rows = [[i, i % 1000] for i in range(150_000, 0, -1)]
         body = orjson.dumps({"data": rows})
@@ -229,8 +224,7 @@ def nested(depth: int, leaf: bytes, kind: str) -> bytes:
 @pytest.fixture(scope="module")
 def deep_server(doubler_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     project = tmp_path_factory.mktemp("deep")
-    with pytest.MonkeyPatch.context() as mp:
-        server = serve(doubler_store, project, "body_timeout_seconds: 30", mp)
+    server = serve(doubler_store, project, "body_timeout_seconds: 30")
     yield server
     server.stop()
 
