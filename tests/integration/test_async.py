@@ -22,6 +22,7 @@ import framework
 from conftest import REPO, Server, free_port, run_cli
 from framework.links import Links
 from framework.store import LocalStore
+from framework.webhooks import Allow, check
 
 SAMPLE = REPO / "tests" / "sample"
 FAST = {  # retries and scans quick, so the tests are; none of them asserts a duration

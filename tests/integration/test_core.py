@@ -18,6 +18,9 @@ import pytest
 
 from conftest import REPO, cli_env, run_cli
 
+import framework
+from framework import registry
+from framework.errors import RegistryError
 from framework.store import LocalStore
 
 

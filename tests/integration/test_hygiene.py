@@ -15,7 +15,9 @@ import orjson
 import pytest
 
 import framework
+from framework import auth
 from conftest import REPO, Server, cli_env, run_cli
+from framework.errors import FrameworkError, RegistryError, StoreError
 from framework.store import LocalStore
 
 

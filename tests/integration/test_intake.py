@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Server, run_cli
-from framework import protocol
+from framework import config as cfgmod
+from framework import bigbody, protocol
+from framework.errors import BadRequest, ConfigError, PayloadTooLarge
 
 PATH = "/v1/example_doubler/latest"
 

@@ -24,8 +24,8 @@ import pytest
 
 from conftest import REPO
 from framework.artifact_cache import ArtifactCache
-from framework.errors import StoreError
-from framework.store import Store
+from framework.errors import NotFound, StoreError
+from framework.store import LocalStore, Store, open_store
 from moto_server import MotoServer, use_endpoint
 from store_contract import *  # noqa: F403 - the contract's tests, collected here on S3
 from store_contract import art, open_store_like
