@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
+# The store's contract tests live outside a test module: rewrite their asserts too.
+pytest.register_assert_rewrite("store_contract")
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = Path(__file__).resolve().parent / "unit"
 
