@@ -1,19 +1,45 @@
-"""Shared fixtures: real stores on disk, the real CLI, real servers in subprocesses."""
+"""Shared fixtures of both tiers: real stores on disk, the real CLI, real servers in subprocesses.
+
+tests/unit holds in-process tests (no subprocess, no socket: enforced below); tests/integration
+starts real servers and processes. Everything they start logs under pytest's temporary
+directories and is stopped by its PID; what a test leaves running is stopped at session end.
+"""
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
 
+# The store's contract tests live outside a test module: rewrite their asserts too.
+pytest.register_assert_rewrite("store_contract")
+
 REPO = Path(__file__).resolve().parent.parent
+UNIT = Path(__file__).resolve().parent / "unit"
+
+# Where servers and CLI subprocesses write logs and temporary files: set once per session
+# to a directory under pytest's basetemp, so nothing is left loose in /tmp.
+_session_dirs: dict[str, Path] = {}
+
+
+def session_dir(name: str) -> Path:
+    """A directory of this test session under pytest's basetemp (a fresh temporary one outside pytest)."""
+    if name not in _session_dirs:
+        base = _session_dirs.get("") or Path(tempfile.mkdtemp(prefix="framework-tests-"))
+        _session_dirs[""] = base
+        _session_dirs[name] = base / name
+        _session_dirs[name].mkdir(parents=True, exist_ok=True)
+    return _session_dirs[name]
 
 
 def free_port() -> int:
@@ -25,6 +51,9 @@ def free_port() -> int:
 def cli_env(store: Path | str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEWORK_")}
     env["FRAMEWORK_STORE"] = str(store)
+    # Temporary files of what a test starts (Dask's scratch space, worker sockets) go
+    # under pytest's basetemp too; a test may still pass its own TMPDIR.
+    env["TMPDIR"] = str(session_dir("tmp"))
     env.update(extra)
     return env
 
@@ -55,10 +84,11 @@ def stop_process(proc: subprocess.Popen) -> None:
 class Server:
     """`framework serve` in a subprocess on a free loopback port, stopped by its PID."""
 
-    def __init__(self, store: Path | str, *args: str, cwd: Path = REPO, **env: str) -> None:
+    def __init__(self, store: Path | str, *args: str, cwd: Path = REPO, log_dir: Path | None = None,
+                 **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"framework-serve-{self.port}.log"
+        self.log = (log_dir or session_dir("logs")) / f"framework-serve-{self.port}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "framework", "serve", "--port", str(self.port), *args],
@@ -99,6 +129,96 @@ class Server:
     def stop(self) -> None:
         stop_process(self.proc)
         self._log.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every live process below `pid`, read from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie has exited already
+            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    owned = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+    for pids in children.values():  # the interpreter's own helpers end with it
+        pids[:] = [p for p in pids if not any(o in _cmdline(p) for o in owned)]
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_hygiene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Logs and temporary files under basetemp; at the end, stop what a test left running."""
+    _session_dirs[""] = tmp_path_factory.getbasetemp() / "session"
+    yield
+    left = _descendants(os.getpid())
+    described = "; ".join(f"{pid} {_cmdline(pid)[:100]}" for pid in left)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in left if p in _descendants(os.getpid())]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left:
+        _left_running.append(f"stopped {len(left)} process(es) a test left running: {described}")
+
+
+_left_running: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _left_running:  # named, so the test that leaked them gets fixed
+        terminalreporter.write_line(f"conftest: {line}", yellow=True)
+
+
+def _refuse(what: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a unit test {what}: it belongs in tests/integration")
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_stays_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/unit runs in this process: starting a process or using the network fails the test."""
+    if not Path(str(request.node.path)).is_relative_to(UNIT):
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def only_git(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
+        # A deploy reads its git metadata through `git`: the one process a unit test may start.
+        if (args.split()[0] if isinstance(args, str) else os.path.basename(str(args[0]))) != "git":
+            _refuse("started a process")()
+        popen_init(self, args, *rest, **kwargs)
+    monkeypatch.setattr(subprocess.Popen, "__init__", only_git)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("started a process"))
+    for name in ("connect", "connect_ex", "bind"):
+        original = getattr(socket.socket, name)
+
+        def guarded(self: socket.socket, address: Any, *rest: Any, _original: Any = original) -> Any:
+            if self.family in (socket.AF_INET, socket.AF_INET6):
+                raise AssertionError("a unit test used the network: it belongs in tests/integration")
+            return _original(self, address, *rest)
+        monkeypatch.setattr(socket.socket, name, guarded)
 
 
 @pytest.fixture

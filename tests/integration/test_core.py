@@ -1,4 +1,7 @@
-"""Registry, packaging, manifest and store: real files, real subprocesses, real pickles."""
+"""Deploy, packaging, manifest and store: real files, real subprocesses, real pickles.
+
+The registry's in-process checks are in tests/unit/test_registry.py.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +18,6 @@ import pytest
 
 from conftest import REPO, cli_env, run_cli
 
-import framework
-from framework.build import registry
-from framework.errors import RegistryError
 from framework.store.local import LocalStore
 
 
@@ -57,46 +57,6 @@ def call_in_fresh_process(store: Path, name: str, args: list, *, ref: str = "lat
                           branch: str = "main", cwd: Path) -> object:
     code = LOAD_AND_CALL.format(store=str(store), branch=branch, name=name, ref=ref, args=args)
     return json.loads(run_python(code, cwd=cwd))
-
-
-# -- registry ------------------------------------------------------------------
-
-
-def test_decorator_forms_keep_the_function_callable():
-    @framework.deployment
-    def t_plain(x):
-        return x + 1
-
-    @framework.deployment(name="t-renamed", python_packages=["numpy>=1"])
-    def t_options(x):
-        return x * 3
-
-    assert t_plain(1) == 2 and t_options(2) == 6
-    assert registry.registered()["t_plain"] is t_plain
-    assert registry.registered()["t-renamed"].options.python_packages == ("numpy>=1",)
-
-
-def test_duplicate_names_fail_loudly_with_the_fix():
-    @framework.deployment(name="t_dup")
-    def first(x):
-        return x
-
-    with pytest.raises(RegistryError, match=r"two deployments are named 't_dup'.*name='\.\.\.'"):
-        @framework.deployment(name="t_dup")
-        def second(x):
-            return x
-
-
-@pytest.mark.parametrize("options,fragment", [
-    ({"name": "has space"}, "invalid deployment name"),
-    ({"python_packages": "numpy"}, "python_packages"),
-    ({"python_packages": [1]}, "python_packages"),
-    ({"setup": "not callable"}, "setup"),
-    ({"gpu": True}, "unknown @deployment option"),
-])
-def test_bad_options_fail_at_decoration_time(options, fragment):
-    with pytest.raises(RegistryError, match=fragment):
-        framework.deployment(**options)
 
 
 # -- deploy, unchanged, manifest -----------------------------------------------------

@@ -1,9 +1,10 @@
-"""CLI errors as promised, store hygiene, and no server paths in answers (issue 14)."""
+"""CLI errors as promised, store hygiene, and no server paths in answers (issue 14).
+
+What is checked in-process (a deploy from Python, a full disk) is in tests/unit/test_hygiene_rules.py.
+"""
 
 from __future__ import annotations
 
-import errno
-import os
 import signal
 import subprocess
 import sys
@@ -14,14 +15,8 @@ import orjson
 import pytest
 
 import framework
-from framework.serve import auth
 from conftest import REPO, Server, cli_env, run_cli
-from framework.errors import FrameworkError, RegistryError, StoreError
 from framework.store.local import LocalStore
-
-
-def echo(x: int) -> int:
-    return x
 
 
 def _refused(proc: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
@@ -74,23 +69,6 @@ def test_version_and_a_deploy_without_deploy_yaml(tmp_path):
     _refused(run_cli("deploy", store=tmp_path / "store", cwd=tmp_path, check=False), 2,
              "no deploy.yaml", str(tmp_path), "--config")
     assert not (tmp_path / "store").exists()
-
-
-def test_deploy_from_python_without_deploy_yaml_warns_where_it_publishes(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("FRAMEWORK_STORE", raising=False)
-    monkeypatch.delenv("FRAMEWORK_CONFIG", raising=False)
-    with pytest.warns(UserWarning, match="default store .*framework-store"):
-        assert framework.deploy(echo) == 1
-    assert (tmp_path / ".framework-store" / "branches" / "main" / "echo" / "1").is_dir()
-
-
-def test_a_mistyped_option_lists_every_option(tmp_path):
-    with pytest.raises(RegistryError) as caught:
-        framework.deploy(echo, vectorised=True, store=str(tmp_path / "store"))
-    for option in ("vectorized", "python_packages", "setup", "name", "inline", "max_batch_rows",
-                   "max_wait_ms"):
-        assert option in str(caught.value)
 
 
 # -- 9. store hygiene -------------------------------------------------------------------
@@ -149,36 +127,6 @@ def test_a_killed_deploys_staging_is_cleaned_by_the_next_deploy(tmp_path):
             if p.poll() is None:
                 p.terminate()
                 p.wait(10)
-
-
-def _no_temp_files(store: Path) -> list[str]:
-    return sorted(str(p.relative_to(store)) for p in store.rglob(".*")
-                  if p.is_file() and p.name not in (".lock", ".keys.lock"))
-
-
-def test_a_full_disk_is_reported_as_such_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    store = tmp_path / "store"
-    s = LocalStore(store)
-    s.publish("main", "echo", b"x", {"name": "echo", "branch": "main"})
-    real_fsync = os.fsync
-
-    def full(fd: int) -> None:
-        # A full disk cannot be made here without privileges: the write fails as it would.
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "fsync", full)
-    for attempt in (lambda: s.set_alias("main", "echo", "prod", 1),
-                    lambda: auth.create_key(s),
-                    lambda: s.publish("main", "echo", b"y", {"name": "echo", "branch": "main"}),
-                    lambda: s.write_doc("jobs/a.json", b"{}")):
-        with pytest.raises(StoreError) as caught:
-            attempt()
-        assert "disk holding the store is full" in str(caught.value)
-        assert "permission" not in str(caught.value)
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    assert _no_temp_files(store) == []
-    assert list((store / ".staging").iterdir()) == []
-    assert s.aliases("main", "echo") == {} and s.read_keys() is None
 
 
 # -- 10. no server paths in answers -----------------------------------------------------

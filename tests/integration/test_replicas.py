@@ -111,7 +111,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     moto = MotoServer(base)
     saved = dict(os.environ)
     os.environ.update(moto.env())  # deploys from this process reach the same store
-    os.environ["TMPDIR"] = str(base)  # the servers' logs go here
     os.environ["FRAMEWORK_CACHE_DIR"] = str(base / "deployer-cache")
     url = f"s3://{moto.new_bucket()}/models"
     store = open_store(url)
@@ -123,7 +122,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         for i in range(3):
             empty = base / f"machine{i}"
             empty.mkdir()
-            replicas.append(Server(url, cwd=empty, **moto.env(),
+            replicas.append(Server(url, cwd=empty, log_dir=base, **moto.env(),
                                    FRAMEWORK_CACHE_DIR=str(empty / "cache")))
         proxy = HAProxy([r.port for r in replicas], base)
         yield {"url": url, "store": store, "replicas": replicas, "proxy": proxy, "key": key}

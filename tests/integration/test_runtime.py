@@ -326,9 +326,9 @@ def test_pinned_versions_survive_a_live_redeploy(tmp_path):
         assert server.post("/v1/f/latest", {"data": 1}).json() == {"data": ["v1", 1]}
         module.write_text("from framework import deployment\n@deployment\ndef f(x):\n    return ['v2', x]\n")
         assert "new" in run_cli("deploy", store=store, cwd=project).stdout
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # generous: that latest moves is checked, not how soon
         while server.post("/v1/f/latest", {"data": 1}).json() != {"data": ["v2", 1]}:
-            assert time.monotonic() < deadline, "latest did not move to version 2 within 5 s"
+            assert time.monotonic() < deadline, "latest did not move to version 2 within 30 s"
             time.sleep(0.1)
         assert server.post("/v1/f/1", {"data": 1}).json() == {"data": ["v1", 1]}
         assert server.post("/v1/f/main/2", {"data": 1}).json() == {"data": ["v2", 1]}
@@ -379,7 +379,7 @@ def test_loading_counts_against_the_time_limit(sample_store, tmp_path):
     try:
         resp = sample.post("/v1/slow_to_load/latest", {"data": 1, "timeout_seconds": 0.5})
         assert_error(resp, 504, "did not load within 0.5 s")
-        deadline = time.monotonic() + 10  # the load went on: a later call is answered
+        deadline = time.monotonic() + 30  # the load went on: a later call is answered
         while (resp := sample.post("/v1/slow_to_load/latest",
                                    {"data": 2, "timeout_seconds": 5})).status_code != 200:
             assert time.monotonic() < deadline, resp.text

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
 
 from conftest import Server, run_cli
-from framework import deployment
-from framework.errors import RegistryError
 
 MODULE = '''
 from framework import deployment
@@ -136,26 +133,6 @@ def test_timeouts_hold_for_vectorized_calls(server: Server) -> None:
     r = server.post("/v1/sleepy/latest", {"data": [[1, 3]], "timeout_seconds": 0.3})
     assert r.status_code == 504
     assert server.post("/v1/sized/latest", {"data": 1}).status_code == 200
-
-
-@pytest.mark.parametrize("options, message", [
-    ({"vectorized": 1}, "vectorized must be True or False"),
-    ({"max_wait_ms": 5}, "add vectorized=True"),
-    ({"vectorized": True, "max_batch_rows": 0}, "max_batch_rows must be"),
-    ({"vectorized": True, "max_wait_ms": -1}, "max_wait_ms must be"),
-    ({"vectorized": True, "max_wait_ms": "5"}, "max_wait_ms must be"),
-])
-def test_bad_options_fail_at_decoration_time(options: dict, message: str) -> None:
-    with pytest.raises(RegistryError, match=message):
-        deployment(**options)
-
-
-def test_a_vectorized_function_needs_plain_parameters() -> None:
-    def rows(*xs):
-        return xs
-
-    with pytest.raises(RegistryError, match="must take plain parameters"):
-        deployment(vectorized=True)(rows)
 
 
 def test_options_are_recorded_in_the_manifest(server: Server) -> None:

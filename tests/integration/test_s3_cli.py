@@ -22,8 +22,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     server.stop()
 
 
-def test_the_cli_and_a_server_from_an_empty_directory_on_s3(moto: MotoServer, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cli_and_a_server_from_an_empty_directory_on_s3(moto: MotoServer, tmp_path: Path) -> None:
     bucket = moto.new_bucket()
     url = f"s3://{bucket}/team-a"
     env = {**moto.env(), **SIGNING, "FRAMEWORK_CACHE_DIR": str(tmp_path / "cache")}
@@ -60,10 +59,9 @@ def test_the_cli_and_a_server_from_an_empty_directory_on_s3(moto: MotoServer, tm
     key = cli("keys", "create", "--note", "s3 test").split()[-1]
     assert "s3 test" in cli("keys", "list")
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the server's log
     machine = tmp_path / "machine"
     machine.mkdir()
-    server = Server(url, cwd=machine, **{**env, "FRAMEWORK_CACHE_DIR": str(machine / "cache")})
+    server = Server(url, cwd=machine, log_dir=tmp_path, **{**env, "FRAMEWORK_CACHE_DIR": str(machine / "cache")})
     try:
         headers = {"Authorization": key}
         for ref, want in (("latest", 6), ("prod", 6), ("1", 6), ("2", 106), ("3", 6),
