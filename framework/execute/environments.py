@@ -41,7 +41,7 @@ BUILD_TIMEOUT_S = 900.0
 HERE = ".".join(map(str, sys.version_info[:2]))
 # The framework's own package, put on the environment's path by a .pth file: the worker
 # needs it, cloudpickle and orjson, nothing else of the server's.
-FRAMEWORK_DIR = Path(__file__).resolve().parent
+FRAMEWORK_DIR = Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -145,6 +145,7 @@ class Environments:
         key = self.key(manifest)
         python = self.interpreter(key)
         if python.exists():
+            self._framework_lib()  # built by another framework install, maybe: this one runs it
             return python
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f"{key}.lock", "a") as lock:
@@ -218,16 +219,17 @@ class Environments:
             shutil.rmtree(stage, ignore_errors=True)
 
     def _framework_lib(self) -> Path:
-        """A directory holding only a link to this framework package, for environments' paths."""
+        """A directory holding only a link to this framework package, for environments' paths.
+
+        The link is checked each time: a framework installed elsewhere since (an upgrade,
+        a moved checkout) gets it pointed at itself, atomically, by a rename."""
         link = self.root / "framework-lib"
-        if not (link / "framework").exists():
-            tmp = self.root / f".framework-lib-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
-            (tmp / "framework").symlink_to(FRAMEWORK_DIR)
-            try:
-                os.rename(tmp, link)
-            except OSError:  # made by another build meanwhile
-                shutil.rmtree(tmp, ignore_errors=True)
+        link.mkdir(parents=True, exist_ok=True)
+        target = link / "framework"
+        if not target.is_symlink() or target.resolve() != FRAMEWORK_DIR:
+            tmp = link / f".framework-{uuid.uuid4().hex[:8]}"
+            tmp.symlink_to(FRAMEWORK_DIR)
+            os.replace(tmp, target)
         return link
 
     def _failure(self, key: str, reqs: list[str], log_path: Path) -> str:

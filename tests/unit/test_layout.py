@@ -68,3 +68,16 @@ def test_every_moved_module_exists():
 
     for new in MOVED.values():
         importlib.import_module(new)
+
+
+def test_environments_put_the_framework_package_itself_on_their_path(tmp_path):
+    from framework.execute.environments import FRAMEWORK_DIR, Environments
+
+    assert FRAMEWORK_DIR == ROOT.resolve()
+    envs = Environments(tmp_path, [])
+    stale = tmp_path / "framework-lib"
+    stale.mkdir()
+    (stale / "framework").symlink_to(ROOT / "execute")  # a link an earlier install left
+    lib = envs._framework_lib()
+    assert (lib / "framework").resolve() == FRAMEWORK_DIR
+    assert (lib / "framework" / "execute" / "worker.py").exists()
