@@ -2,6 +2,7 @@
 
     python bench/run.py                  # the full run; writes bench/RESULTS.md
     python bench/run.py --quick          # one short pass, to check the harness works
+    python bench/run.py --only process   # only the cases of one target, printed, not written
 
 Three servers serve the same doubler: *bare-inline* (bench/bare_app.py, the
 function called on the event loop), *bare-safe* (the same endpoint with the
@@ -72,6 +73,29 @@ OURS_ONLY = [
     ("micro_vec", "/v1/mlp_vectorized/latest", MLP_ROW, 64, 0),
 ]
 QUIET = "metrics: false, access_log: false"
+# `--only`: the cases one target compares, as (server, path, case key, THROUGHPUT or
+# OURS_ONLY key), and the ratios shown: (label, (server, key), (server, key), target).
+ONLY = {
+    "process": ([("ours", DOUBLER, "single", "single"), ("ours", DOUBLER, "b1k", "b1k"),
+                 ("ours", DOUBLER, "b10k", "b10k"),
+                 ("ours", "/v1/doubler_process/latest", "single_process", "single"),
+                 ("ours", "/v1/doubler_process/latest", "b1k_process", "b1k"),
+                 ("ours", "/v1/doubler_process/latest", "b10k_process", "b10k")],
+                [("process / default, single-row req/s", ("ours", "single_process"), ("ours", "single"), 0.5),
+                 ("process / default, 1,000-row rows/s", ("ours", "b1k_process"), ("ours", "b1k"), 0.8),
+                 ("process / default, 10,000-row rows/s", ("ours", "b10k_process"), ("ours", "b10k"),
+                  None)]),
+    "inline": ([("bare-inline", DOUBLER, "single", "single"), ("bare-inline", DOUBLER, "call", "call"),
+                ("ours", "/v1/doubler_inline/latest", "single_inline", "single"),
+                ("ours", "/v1/doubler_inline/latest", "call_inline", "call")],
+               [("inline / bare-inline, single-row req/s", ("ours", "single_inline"),
+                 ("bare-inline", "single"), 0.9),
+                ("inline / bare-inline, single call req/s", ("ours", "call_inline"),
+                 ("bare-inline", "call"), None)]),
+    "mlp": ([("ours", "", "mlp_rows", "mlp_rows"), ("ours", "", "mlp_vec", "mlp_vec")],
+            [("vectorized / row by row, numpy MLP rows/s", ("ours", "mlp_vec"), ("ours", "mlp_rows"),
+              10.0)]),
+}
 
 Results = dict[str, list[float]]
 
@@ -209,6 +233,39 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
             measure(server, DOUBLER, SINGLE, 16, 0, args.seconds, got[label], "workers2", threads=1)
         finally:
             server.stop()
+
+
+def only_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, Results]) -> None:
+    """One pass over the cases of `args.only`, the servers in alternating order."""
+    cases = {key: (body, conns, rows) for key, _, body, conns, rows in THROUGHPUT}
+    cases.update({key: (body, conns, rows) for key, _, body, conns, rows in OURS_ONLY})
+    paths = {key: path for key, path, *_ in OURS_ONLY}
+    wanted = [case for name in args.only for case in ONLY[name][0]]
+    labels = [label for label in (*BARES, "ours") if any(c[0] == label for c in wanted)]
+    for label in labels[:: 1 if n % 2 == 0 else -1]:
+        server = start(label, store_dir)
+        try:
+            for _, path, key, case in (c for c in wanted if c[0] == label):
+                measure(server, path or paths[case], *cases[case], args.seconds, got[label], key)
+        finally:
+            server.stop()
+
+
+def only_table(got: dict[str, Results], only: list[str]) -> str:
+    lines = ["| case | server | median | passes |", "|---|---|---|---|"]
+    for name in only:
+        for label, _, key, _ in ONLY[name][0]:
+            values = got[label][key]
+            lines.append(f"| {key} | {label} | {num(statistics.median(values))} | "
+                         f"{', '.join(num(v) for v in values)} |")
+    lines += ["", "| ratio | median of the passes' | passes | target |", "|---|---|---|---|"]
+    for name in only:
+        for label, (a, a_key), (b, b_key), target in ONLY[name][1]:
+            ratios = [x / y for x, y in zip(got[a][a_key], got[b][b_key])]
+            lines.append(f"| {label} | {statistics.median(ratios):.2f} | "
+                         f"{', '.join(f'{r:.2f}' for r in ratios)} | "
+                         f"{'' if target is None else f'>= {target:g}'} |")
+    return "\n".join(lines)
 
 
 def plural(n: int, word: str) -> str:
@@ -398,18 +455,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versions", type=int, default=200, help="versions stored before start")
     p.add_argument("--quick", action="store_true", help="one 0.3 s pass with the Python generator")
     p.add_argument("--results", help="write the table there (default: bench/RESULTS.md, not with --quick)")
+    p.add_argument("--only", action="append", choices=sorted(ONLY),
+                   help="only the cases of this target (repeatable); prints, writes nothing")
     args = p.parse_args(argv)
     if args.quick:
         args.passes, args.seconds, args.versions = 1, 0.3, 5
         os.environ["BENCH_NO_WRK"] = "1"  # wrk counts whole seconds only
-    results = args.results or (None if args.quick else str(servers.BENCH / "RESULTS.md"))
+    results = args.results or (None if args.quick or args.only else str(servers.BENCH / "RESULTS.md"))
     got: dict[str, Results] = {label: {} for label in (*BARES, "ours")}
     with tempfile.TemporaryDirectory(prefix="framework-bench-") as tmp:
         store_dir = make_store(Path(tmp), args.versions)
         for n in range(args.passes):
             print(f"pass {n + 1}/{args.passes} ...", file=sys.stderr, flush=True)
-            one_pass(n, args, store_dir, got)
-    text = table(got, args.versions)
+            (only_pass if args.only else one_pass)(n, args, store_dir, got)
+    text = only_table(got, args.only) if args.only else table(got, args.versions)
     print(text)
     if results:
         command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
