@@ -95,15 +95,29 @@ class Calls:
         """Every row's result (None where it failed), and the failures by row index.
         Each row runs once, whatever the others do."""
         results: list[Any] = []
-        failed: dict[int, str] = {}
-        failures = Failures(self.label)
         calls = self._mapped(rows)
+        first: BaseException | None = None
+        try:
+            results.extend(calls)  # keeps what it got before a row raised
+        except SYNC_ERRORS as exc:
+            first = exc  # handled below, not in here: it would be the context of the next ones
+        if first is None:
+            if len(results) == len(rows):  # the common case: no row failed, nothing to log
+                return results, {}
+            first = StopIteration()  # map() ends early when a row raises StopIteration
+        return self._failing(rows, results, calls, first)
+
+    def _failing(self, rows: list[list[Any]], results: list[Any], calls: Iterator[Any],
+                 exc: BaseException) -> tuple[list[Any], dict[int, str]]:
+        """`rows` from the row at `len(results)`, which raised `exc`, on."""
+        failures = Failures(self.label)
+        failed = {len(results): failures.add(exc, rows[len(results)][0])}
+        results.append(None)
         while len(results) < len(rows):  # each turn adds at least one row
             try:
-                results.extend(calls)  # keeps what it got before a row raised
+                results.extend(calls)
                 if len(results) == len(rows):
                     break
-                # map() ends early when a row raises StopIteration.
                 failed[len(results)] = failures.add(StopIteration(), rows[len(results)][0])
             except SYNC_ERRORS as exc:
                 failed[len(results)] = failures.add(exc, rows[len(results)][0])

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import orjson
 import pytest
 
 from framework import deployment
@@ -163,6 +164,28 @@ def test_whatever_sync_code_raises_is_its_rows_failure(error: type[BaseException
     status, body = answer
     assert status == 200
     assert body.startswith(b'{"data":[[1,1],[3,3]],"errors":[[2,"' + error.__name__.encode())
+
+
+def test_failures_anywhere_among_the_rows_fail_those_rows_only_and_each_runs_once() -> None:
+    ran: list[int] = []
+
+    def picky(x: int) -> int:
+        ran.append(x)
+        if x % 5 == 0:
+            raise ValueError(f"five {x}")
+        if x % 7 == 0:
+            raise StopIteration
+        return x
+
+    body = b'{"data": [%s], "partial": true}' % b",".join(b"[%d, %d]" % (i, i) for i in range(40))
+    [answer] = _answers(_runner(picky), [body])
+    status, payload = answer
+    got = orjson.loads(payload)
+    assert status == 200 and sorted(ran) == list(range(40))
+    assert got["data"] == [[i, i] for i in range(40) if i % 5 and i % 7]
+    assert [e[0] for e in got["errors"]] == [i for i in range(40) if not (i % 5 and i % 7)]
+    assert got["errors"][0] == [0, "ValueError: five 0"] and got["errors"][1] == [5, "ValueError: five 5"]
+    assert [7, "StopIteration"] in got["errors"]
 
 
 def test_failed_rows_are_logged_once_per_request_with_a_few_tracebacks(
