@@ -105,12 +105,40 @@ def measure(server: servers.Server, path: str, body: bytes, conns: int, rows: in
     status, answer = servers.post(server.port, path, body)
     if status != 200:
         raise RuntimeError(f"{server.label} {path} answered {status}: {answer[:300]!r}")
+    cpu = cpu_seconds(server)
     result = load.run(server.url(path), body, connections=conns, seconds=seconds, threads=threads)
+    cpu = cpu_seconds(server) - cpu
     if result.errors:
         raise RuntimeError(f"{server.label} {path}: {result.errors} failed requests under load")
     into.setdefault(key, []).append(result.rps * (rows or 1))
+    # CPU time of the server and its worker processes per request (per row for batches), in
+    # microseconds: it moves far less with the machine's other load than a rate does.
+    into.setdefault(key + "_cpu", []).append(cpu / (result.rps * (rows or 1) * seconds) * 1e6)
     into.setdefault(key + "_p50", []).append(result.p50_ms)
     into.setdefault(key + "_p99", []).append(result.p99_ms)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # the thread or process has just ended
+        return ""
+
+
+def cpu_seconds(server: servers.Server) -> float:
+    """User and system CPU time used so far by the server and its worker processes."""
+    total = 0
+    pid = server.proc.pid
+    # Every thread's children: the worker processes are started from threads of the server.
+    children = [int(c) for task in Path(f"/proc/{pid}/task").glob("*")
+                for c in _read(task / "children").split()]
+    for pid in [pid, *children]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: the 14th and 15th fields
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def beside(server: servers.Server, seconds: float, into: Results, tmp: Path) -> None:
@@ -236,35 +264,48 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
 
 
 def only_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, Results]) -> None:
-    """One pass over the cases of `args.only`, the servers in alternating order."""
+    """One pass over the cases of `args.only`. The servers they need run side by side, and
+    the two cases of each ratio are measured one right after the other, in an order that
+    alternates by pass: on a shared machine, load moves more over a minute than over seconds."""
     cases = {key: (body, conns, rows) for key, _, body, conns, rows in THROUGHPUT}
     cases.update({key: (body, conns, rows) for key, _, body, conns, rows in OURS_ONLY})
     paths = {key: path for key, path, *_ in OURS_ONLY}
-    wanted = [case for name in args.only for case in ONLY[name][0]]
-    labels = [label for label in (*BARES, "ours") if any(c[0] == label for c in wanted)]
-    for label in labels[:: 1 if n % 2 == 0 else -1]:
-        server = start(label, store_dir)
-        try:
-            for _, path, key, case in (c for c in wanted if c[0] == label):
-                measure(server, path or paths[case], *cases[case], args.seconds, got[label], key)
-        finally:
+    wanted = {(c[0], c[2]): c for name in args.only for c in ONLY[name][0]}
+    order = [pair for name in args.only for _, a, b, _ in ONLY[name][1] for pair in (a, b)]
+    order += [key for key in wanted if key not in order]
+    running: dict[str, servers.Server] = {}
+    try:
+        for label in dict.fromkeys(label for label, _ in wanted):
+            running[label] = start(label, store_dir)
+        for i in range(0, len(order), 2):
+            for label, key in order[i:i + 2][:: 1 if n % 2 == 0 else -1]:
+                if key in got[label] and len(got[label][key]) > n:
+                    continue  # in two ratios: measured once a pass
+                _, path, _, case = wanted[(label, key)]
+                measure(running[label], path or paths[case], *cases[case], args.seconds, got[label], key)
+    finally:
+        for server in running.values():
             server.stop()
 
 
 def only_table(got: dict[str, Results], only: list[str]) -> str:
-    lines = ["| case | server | median | passes |", "|---|---|---|---|"]
+    lines = ["| case | server | median | passes | CPU us per request or row, median |",
+             "|---|---|---|---|---|"]
     for name in only:
         for label, _, key, _ in ONLY[name][0]:
             values = got[label][key]
             lines.append(f"| {key} | {label} | {num(statistics.median(values))} | "
-                         f"{', '.join(num(v) for v in values)} |")
-    lines += ["", "| ratio | median of the passes' | passes | target |", "|---|---|---|---|"]
+                         f"{', '.join(num(v) for v in values)} | "
+                         f"{statistics.median(got[label][key + '_cpu']):.2f} |")
+    lines += ["", "| ratio | median of the passes' | passes | target | CPU per unit, second / first |",
+              "|---|---|---|---|---|"]
     for name in only:
         for label, (a, a_key), (b, b_key), target in ONLY[name][1]:
             ratios = [x / y for x, y in zip(got[a][a_key], got[b][b_key])]
+            cpu = statistics.median(y / x for x, y in zip(got[a][a_key + "_cpu"], got[b][b_key + "_cpu"]))
             lines.append(f"| {label} | {statistics.median(ratios):.2f} | "
                          f"{', '.join(f'{r:.2f}' for r in ratios)} | "
-                         f"{'' if target is None else f'>= {target:g}'} |")
+                         f"{'' if target is None else f'>= {target:g}'} | {cpu:.2f} |")
     return "\n".join(lines)
 
 
