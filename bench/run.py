@@ -455,9 +455,11 @@ docs/performance.md says how to run the harness and what each row means; in shor
   same thread and answered in one wake-up of the loop
   (`framework/threads.py`). Starlette's thread pool hands every call to a
   thread and back on its own, through anyio.
-- `isolation="process"` sends each call (parsed rows) to a warm worker
-  process over a pipe and its encoded answer back; calls queued meanwhile
-  travel in one message. Large batches pay for pickling the rows across.
+- `isolation="process"` sends each request to a warm worker process over a
+  pipe as its raw body, which the worker parses, runs and encodes; the
+  encoded answer comes back. Calls queued meanwhile travel in one message.
+  The server only forwards bytes, so large batches cost about the CPU they
+  cost in the server, and their parsing moves to the worker's core.
 - Beside a CPU-bound deployment: the doubler is probed at a fixed rate well
   under capacity (`bench/load.py`'s `paced`), alone, then while a second
   client (a process of its own) keeps a pure-Python deployment busy, once in
