@@ -101,6 +101,14 @@ def _echo(x, y=0):
 # One function in both modes: what a caller gets must not depend on where it ran.
 echo_process = deployment(name="echo_process", isolation="process")(_echo)
 echo_thread = deployment(name="echo_thread")(_echo)
+
+
+async def _echo_async(x, y=0):
+    return _echo(x, y)
+
+
+echo_async_process = deployment(name="echo_async_process", isolation="process")(_echo_async)
+echo_async_thread = deployment(name="echo_async_thread")(_echo_async)
 '''
 
 
@@ -252,11 +260,13 @@ SAME_ANSWER_BODIES = [
 
 
 def test_a_body_parsed_in_the_worker_answers_as_on_a_thread(server: Server) -> None:
-    for body in SAME_ANSWER_BODIES:
-        process = server.post("/v1/echo_process/latest", body)
-        thread = server.post("/v1/echo_thread/latest", body)
-        assert (process.status_code, process.json()) == (thread.status_code, thread.json()), body[:80]
-        assert process.headers["content-type"] == "application/json"
+    for kind in ("echo", "echo_async"):
+        for body in SAME_ANSWER_BODIES:
+            process = server.post(f"/v1/{kind}_process/latest", body)
+            thread = server.post(f"/v1/{kind}_thread/latest", body)
+            assert (process.status_code, process.json()) == (thread.status_code, thread.json()), \
+                (kind, body[:80])
+            assert process.headers["content-type"] == "application/json"
 
 
 def _rows_counted(server: Server, name: str) -> tuple[float, float]:
@@ -288,9 +298,9 @@ def test_rows_and_row_errors_of_a_body_parsed_in_the_worker_are_counted(server: 
 
 @pytest.fixture(scope="module")
 def short_server(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The same store, with a server time limit of 2 s and at most 100 rows a request."""
+    """The same store, with a server time limit of 6 s and at most 100 rows a request."""
     config = tmp_path_factory.mktemp("short") / "deploy.yaml"
-    config.write_text("server: {timeout_seconds: 2, max_rows: 100}\n")
+    config.write_text("server: {timeout_seconds: 6, max_rows: 100}\n")
     srv = Server(project / "store", cwd=project, EXEC_TEST_LOG=str(project / "calls.log"),
                  FRAMEWORK_CONFIG=str(config))
     yield srv
@@ -306,7 +316,9 @@ def test_a_plain_body_past_the_server_limit_kills_its_worker_and_what_queued_run
     _, before = first.json()["data"]
     with ThreadPoolExecutor(4) as pool:
         slow = pool.submit(short_server.post, "/v1/isolated/latest", b'{"data": [[1, -30]]}')
-        time.sleep(0.3)
+        # Those queued behind it share its limit: sent 4 s later, they leave the new worker
+        # 4 s to start and answer them once the slow call is stopped.
+        time.sleep(4)
         behind = [pool.submit(short_server.post, "/v1/isolated/latest", b'{"data": [[7, %d]]}' % i)
                   for i in range(3)]
         answer = slow.result()
