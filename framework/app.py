@@ -248,14 +248,15 @@ class Runtime:
         self.admit()
         self.inflight += 1
         try:
-            isolated = self.versions.cached(branch, name, ref)
-            if isolated is not None and isolated.takes_body(body):  # its worker process parses it
+            runner = self.versions.cached(branch, name, ref)
+            if runner is not None and runner.parses_bodies and runner.takes_body(body):  # in its worker
                 call = protocol.Call(False, None, [], [], False, None)
-                scope[observe.SCOPE_CALL] = (isolated, call)
-                status, payload = await isolated.run_body(body, self.max_rows, self.timeout, call)
+                scope[observe.SCOPE_CALL] = (runner, call)
+                status, payload = await runner.run_body(body, self.max_rows, self.timeout, call)
                 return await send_json(send, status, payload)
             if len(body) > protocol.LARGE_BODY:  # off the event loop, which serves the others meanwhile
                 call = await asyncio.to_thread(bigbody.parse_large, body, self.max_rows)
+                runner = self.versions.cached(branch, name, ref)  # again: it may have moved meanwhile
             else:
                 call = protocol.parse(body, self.max_rows)
             timeout = min(call.timeout or self.timeout, self.timeout)
@@ -264,7 +265,6 @@ class Runtime:
                 base = self.links.base(scope)
                 accepted = await self.jobs.accept(call, body, branch, name, version, base)
                 return await send_json(send, 200, accepted)
-            runner = self.versions.cached(branch, name, ref)
             if runner is None:
                 version = await self.versions.resolve(branch, name, ref)
                 # Loading a version (unpickling, setup) is bounded by the same limit as the call.

@@ -87,6 +87,8 @@ class Runner:
         # A function in another process parses the bodies of its plain requests itself:
         # pickling the parsed rows to it, and unpickling them there, cost more than parsing.
         self.parses_bodies = fn is None and self.batcher is None
+        # `inline=True` and not vectorized: the whole request, here on the event loop.
+        self._on_loop = self.calls.answer if self.inline and self.batcher is None else None
 
     def close(self) -> None:
         self.executor.close()
@@ -229,16 +231,19 @@ class Runner:
 
     async def run(self, call: Call, timeout: float) -> tuple[int, bytes]:
         """Run `call`; returns (status, body) or raises a FrameworkError."""
-        if self.batcher is not None:
+        if self._on_loop is not None:  # first: the path whose every step shows
+            answer = self._on_loop(call)
+        elif self.batcher is not None:
             answer = await self._vectorized(call, timeout)
         elif self.is_async:
             answer = await self._limit(self._async_answer(call), timeout)
-        elif self.inline:
-            assert self.calls is not None
-            answer = self.calls.answer(call)
         else:
             future = self.executor.submit("answer", call, time.monotonic() + timeout)
             answer = await self._limit(future, timeout)
+        status, value, extra = answer
+        if status == 200:
+            call.failed = extra
+            return 200, value
         return self._answered(answer, call)
 
     def _answered(self, answer: Answer, call: Call) -> tuple[int, bytes]:
