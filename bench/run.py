@@ -2,6 +2,7 @@
 
     python bench/run.py                  # the full run; writes bench/RESULTS.md
     python bench/run.py --quick          # one short pass, to check the harness works
+    python bench/run.py --only process   # only the cases of one target, printed, not written
 
 Three servers serve the same doubler: *bare-inline* (bench/bare_app.py, the
 function called on the event loop), *bare-safe* (the same endpoint with the
@@ -72,6 +73,29 @@ OURS_ONLY = [
     ("micro_vec", "/v1/mlp_vectorized/latest", MLP_ROW, 64, 0),
 ]
 QUIET = "metrics: false, access_log: false"
+# `--only`: the cases one target compares, as (server, path, case key, THROUGHPUT or
+# OURS_ONLY key), and the ratios shown: (label, (server, key), (server, key), target).
+ONLY = {
+    "process": ([("ours", DOUBLER, "single", "single"), ("ours", DOUBLER, "b1k", "b1k"),
+                 ("ours", DOUBLER, "b10k", "b10k"),
+                 ("ours", "/v1/doubler_process/latest", "single_process", "single"),
+                 ("ours", "/v1/doubler_process/latest", "b1k_process", "b1k"),
+                 ("ours", "/v1/doubler_process/latest", "b10k_process", "b10k")],
+                [("process / default, single-row req/s", ("ours", "single_process"), ("ours", "single"), 0.5),
+                 ("process / default, 1,000-row rows/s", ("ours", "b1k_process"), ("ours", "b1k"), 0.8),
+                 ("process / default, 10,000-row rows/s", ("ours", "b10k_process"), ("ours", "b10k"),
+                  None)]),
+    "inline": ([("bare-inline", DOUBLER, "single", "single"), ("bare-inline", DOUBLER, "call", "call"),
+                ("ours", "/v1/doubler_inline/latest", "single_inline", "single"),
+                ("ours", "/v1/doubler_inline/latest", "call_inline", "call")],
+               [("inline / bare-inline, single-row req/s", ("ours", "single_inline"),
+                 ("bare-inline", "single"), 0.9),
+                ("inline / bare-inline, single call req/s", ("ours", "call_inline"),
+                 ("bare-inline", "call"), None)]),
+    "mlp": ([("ours", "", "mlp_rows", "mlp_rows"), ("ours", "", "mlp_vec", "mlp_vec")],
+            [("vectorized / row by row, numpy MLP rows/s", ("ours", "mlp_vec"), ("ours", "mlp_rows"),
+              10.0)]),
+}
 
 Results = dict[str, list[float]]
 
@@ -81,12 +105,40 @@ def measure(server: servers.Server, path: str, body: bytes, conns: int, rows: in
     status, answer = servers.post(server.port, path, body)
     if status != 200:
         raise RuntimeError(f"{server.label} {path} answered {status}: {answer[:300]!r}")
+    cpu = cpu_seconds(server)
     result = load.run(server.url(path), body, connections=conns, seconds=seconds, threads=threads)
+    cpu = cpu_seconds(server) - cpu
     if result.errors:
         raise RuntimeError(f"{server.label} {path}: {result.errors} failed requests under load")
     into.setdefault(key, []).append(result.rps * (rows or 1))
+    # CPU time of the server and its worker processes per request (per row for batches), in
+    # microseconds: it moves far less with the machine's other load than a rate does.
+    into.setdefault(key + "_cpu", []).append(cpu / (result.rps * (rows or 1) * seconds) * 1e6)
     into.setdefault(key + "_p50", []).append(result.p50_ms)
     into.setdefault(key + "_p99", []).append(result.p99_ms)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # the thread or process has just ended
+        return ""
+
+
+def cpu_seconds(server: servers.Server) -> float:
+    """User and system CPU time used so far by the server and its worker processes."""
+    total = 0
+    pid = server.proc.pid
+    # Every thread's children: the worker processes are started from threads of the server.
+    children = [int(c) for task in Path(f"/proc/{pid}/task").glob("*")
+                for c in _read(task / "children").split()]
+    for pid in [pid, *children]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: the 14th and 15th fields
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def beside(server: servers.Server, seconds: float, into: Results, tmp: Path) -> None:
@@ -209,6 +261,52 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
             measure(server, DOUBLER, SINGLE, 16, 0, args.seconds, got[label], "workers2", threads=1)
         finally:
             server.stop()
+
+
+def only_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, Results]) -> None:
+    """One pass over the cases of `args.only`. The servers they need run side by side, and
+    the two cases of each ratio are measured one right after the other, in an order that
+    alternates by pass: on a shared machine, load moves more over a minute than over seconds."""
+    cases = {key: (body, conns, rows) for key, _, body, conns, rows in THROUGHPUT}
+    cases.update({key: (body, conns, rows) for key, _, body, conns, rows in OURS_ONLY})
+    paths = {key: path for key, path, *_ in OURS_ONLY}
+    wanted = {(c[0], c[2]): c for name in args.only for c in ONLY[name][0]}
+    order = [pair for name in args.only for _, a, b, _ in ONLY[name][1] for pair in (a, b)]
+    order += [key for key in wanted if key not in order]
+    running: dict[str, servers.Server] = {}
+    try:
+        for label in dict.fromkeys(label for label, _ in wanted):
+            running[label] = start(label, store_dir)
+        for i in range(0, len(order), 2):
+            for label, key in order[i:i + 2][:: 1 if n % 2 == 0 else -1]:
+                if key in got[label] and len(got[label][key]) > n:
+                    continue  # in two ratios: measured once a pass
+                _, path, _, case = wanted[(label, key)]
+                measure(running[label], path or paths[case], *cases[case], args.seconds, got[label], key)
+    finally:
+        for server in running.values():
+            server.stop()
+
+
+def only_table(got: dict[str, Results], only: list[str]) -> str:
+    lines = ["| case | server | median | passes | CPU us per request or row, median |",
+             "|---|---|---|---|---|"]
+    for name in only:
+        for label, _, key, _ in ONLY[name][0]:
+            values = got[label][key]
+            lines.append(f"| {key} | {label} | {num(statistics.median(values))} | "
+                         f"{', '.join(num(v) for v in values)} | "
+                         f"{statistics.median(got[label][key + '_cpu']):.2f} |")
+    lines += ["", "| ratio | median of the passes' | passes | target | CPU per unit, second / first |",
+              "|---|---|---|---|---|"]
+    for name in only:
+        for label, (a, a_key), (b, b_key), target in ONLY[name][1]:
+            ratios = [x / y for x, y in zip(got[a][a_key], got[b][b_key])]
+            cpu = statistics.median(y / x for x, y in zip(got[a][a_key + "_cpu"], got[b][b_key + "_cpu"]))
+            lines.append(f"| {label} | {statistics.median(ratios):.2f} | "
+                         f"{', '.join(f'{r:.2f}' for r in ratios)} | "
+                         f"{'' if target is None else f'>= {target:g}'} | {cpu:.2f} |")
+    return "\n".join(lines)
 
 
 def plural(n: int, word: str) -> str:
@@ -357,9 +455,11 @@ docs/performance.md says how to run the harness and what each row means; in shor
   same thread and answered in one wake-up of the loop
   (`framework/execute/threads.py`). Starlette's thread pool hands every call to a
   thread and back on its own, through anyio.
-- `isolation="process"` sends each call (parsed rows) to a warm worker
-  process over a pipe and its encoded answer back; calls queued meanwhile
-  travel in one message. Large batches pay for pickling the rows across.
+- `isolation="process"` sends each request to a warm worker process over a
+  pipe as its raw body, which the worker parses, runs and encodes; the
+  encoded answer comes back. Calls queued meanwhile travel in one message.
+  The server only forwards bytes, so large batches cost about the CPU they
+  cost in the server, and their parsing moves to the worker's core.
 - Beside a CPU-bound deployment: the doubler is probed at a fixed rate well
   under capacity (`bench/load.py`'s `paced`), alone, then while a second
   client (a process of its own) keeps a pure-Python deployment busy, once in
@@ -398,18 +498,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versions", type=int, default=200, help="versions stored before start")
     p.add_argument("--quick", action="store_true", help="one 0.3 s pass with the Python generator")
     p.add_argument("--results", help="write the table there (default: bench/RESULTS.md, not with --quick)")
+    p.add_argument("--only", action="append", choices=sorted(ONLY),
+                   help="only the cases of this target (repeatable); prints, writes nothing")
     args = p.parse_args(argv)
     if args.quick:
         args.passes, args.seconds, args.versions = 1, 0.3, 5
         os.environ["BENCH_NO_WRK"] = "1"  # wrk counts whole seconds only
-    results = args.results or (None if args.quick else str(servers.BENCH / "RESULTS.md"))
+    results = args.results or (None if args.quick or args.only else str(servers.BENCH / "RESULTS.md"))
     got: dict[str, Results] = {label: {} for label in (*BARES, "ours")}
     with tempfile.TemporaryDirectory(prefix="framework-bench-") as tmp:
         store_dir = make_store(Path(tmp), args.versions)
         for n in range(args.passes):
             print(f"pass {n + 1}/{args.passes} ...", file=sys.stderr, flush=True)
-            one_pass(n, args, store_dir, got)
-    text = table(got, args.versions)
+            (only_pass if args.only else one_pass)(n, args, store_dir, got)
+    text = only_table(got, args.only) if args.only else table(got, args.versions)
     print(text)
     if results:
         command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])

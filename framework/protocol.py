@@ -82,6 +82,17 @@ def _loads(body: bytes) -> Any:
     return json.loads(body, parse_int=_int64, parse_constant=_constant)
 
 
+# The names of the request's options (`_options`). No JSON escape but \u can spell them.
+_OPTION_NAMES = (b'"batch"', b'"partial"', b'"timeout_seconds"', b'"response_webhook',
+                 b'"response_format"')
+
+
+def only_data(body: bytes) -> bool:
+    """Whether `body` cannot ask for any option but the defaults: it names none, and holds
+    no escape that could spell one. What it holds may still be invalid."""
+    return b"\\u" not in body and not any(name in body for name in _OPTION_NAMES)
+
+
 def parse(body: bytes, max_rows: int | None = None) -> Call:
     """Parse a request body, whatever its Content-Type said; a batch of more than
     `max_rows` rows raises PayloadTooLarge."""

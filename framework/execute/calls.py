@@ -9,6 +9,9 @@ crosses a process boundary as it is:
 - `(200, body, failed)`: the JSON body, and how many rows failed (partial);
 - `(422, message, errors)`: rows failed (`errors` as `[[id, error], ...]`)
   or, with `errors` None, a single call failed.
+
+A worker process also takes a request's raw body (`Calls.body`), so that the
+rows cross the pipe as the bytes they came in, not as pickled objects.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from operator import itemgetter
 from typing import Any, Callable, Iterator
 
 from framework import encoding
-from framework.protocol import Binder, Call, error_text
+from framework.errors import BadRequest, PayloadTooLarge
+from framework.protocol import Binder, Call, error_text, parse
 
 log = logging.getLogger("framework.runtime")
 
 Answer = tuple[int, Any, Any]
+# What `Calls.body` returns: (answer, batch, rows), or (None, error class name, message).
+Received = tuple[Answer | None, Any, Any]
 Outcome = tuple[bool, Any]  # (True, result) or (False, "ValueError: ...")
 # Sync user code may raise anything (SystemExit included): it is that row's failure.
 SYNC_ERRORS = BaseException
@@ -89,15 +95,29 @@ class Calls:
         """Every row's result (None where it failed), and the failures by row index.
         Each row runs once, whatever the others do."""
         results: list[Any] = []
-        failed: dict[int, str] = {}
-        failures = Failures(self.label)
         calls = self._mapped(rows)
+        first: BaseException | None = None
+        try:
+            results.extend(calls)  # keeps what it got before a row raised
+        except SYNC_ERRORS as exc:
+            first = exc  # handled below, not in here: it would be the context of the next ones
+        if first is None:
+            if len(results) == len(rows):  # the common case: no row failed, nothing to log
+                return results, {}
+            first = StopIteration()  # map() ends early when a row raises StopIteration
+        return self._failing(rows, results, calls, first)
+
+    def _failing(self, rows: list[list[Any]], results: list[Any], calls: Iterator[Any],
+                 exc: BaseException) -> tuple[list[Any], dict[int, str]]:
+        """`rows` from the row at `len(results)`, which raised `exc`, on."""
+        failures = Failures(self.label)
+        failed = {len(results): failures.add(exc, rows[len(results)][0])}
+        results.append(None)
         while len(results) < len(rows):  # each turn adds at least one row
             try:
-                results.extend(calls)  # keeps what it got before a row raised
+                results.extend(calls)
                 if len(results) == len(rows):
                     break
-                # map() ends early when a row raises StopIteration.
                 failed[len(results)] = failures.add(StopIteration(), rows[len(results)][0])
             except SYNC_ERRORS as exc:
                 failed[len(results)] = failures.add(exc, rows[len(results)][0])
@@ -130,6 +150,16 @@ class Calls:
         if call.batch:
             return batch_answer(call, *self.rows(call.rows))
         return single_answer(*self.single(call.data))
+
+    def body(self, arg: tuple[bytes, int | None]) -> Received:
+        """A whole request from its raw body and the server's `max_rows`: parsed here, then as
+        `answer`; with whether it was a batch and its rows, which the server's metrics count."""
+        body, max_rows = arg
+        try:
+            call = parse(body, max_rows)
+        except (BadRequest, PayloadTooLarge) as exc:  # the server answers them as its own
+            return None, type(exc).__name__, str(exc)
+        return self.answer(call), call.batch, len(call.ids) if call.batch else 1
 
 
 def vector_result(label: str, out: Any, n: int) -> Outcome:

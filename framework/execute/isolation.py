@@ -8,6 +8,11 @@ limits: a call still running at its deadline gets its worker killed and
 replaced (the caller gets 504), and a worker that dies fails only the call
 it was running. The calls behind either one never started, so they are
 sent to the new worker as they are: no call ever runs twice.
+
+A request with no options travels as its raw body (`Runner.run_body`): the
+worker parses it, runs it and encodes the answer, so the server only
+forwards bytes, and the rows are never pickled on one side and unpickled on
+the other.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from framework.execute.calls import (
     single_answer,
     vector_result,
 )
-from framework.errors import CallTimeout, DeploymentFailed, RowsFailed
-from framework.protocol import Binder, Call
+from framework.errors import BadRequest, CallTimeout, DeploymentFailed, PayloadTooLarge, RowsFailed
+from framework.protocol import LARGE_BODY, Binder, Call, only_data
 from framework.execute.threads import Lane
 
 # What an async deployment may raise and still get an answer. Not BaseException:
@@ -40,6 +40,8 @@ USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 # Answers with more rows than this are encoded off the event loop.
 OFFLOAD_ROWS = 2000
 NO_DEADLINE = float("inf")
+# What a worker refusing a raw body (`Calls.body`) names, raised here as the server's own.
+REFUSED = {cls.__name__: cls for cls in (BadRequest, PayloadTooLarge)}
 
 
 class Executor:
@@ -89,6 +91,11 @@ class Runner:
             self.signature = signature
             self.batcher = Batcher(self._vector_call, max_rows=options["max_batch_rows"],
                                    max_wait=options["max_wait_ms"] / 1000)
+        # A function in another process parses the bodies of its plain requests itself:
+        # pickling the parsed rows to it, and unpickling them there, cost more than parsing.
+        self.parses_bodies = fn is None and self.batcher is None
+        # `inline=True` and not vectorized: the whole request, here on the event loop.
+        self._on_loop = self.calls.answer if self.inline and self.batcher is None else None
 
     def close(self) -> None:
         self.executor.close()
@@ -212,18 +219,41 @@ class Runner:
 
     # -- entry ------------------------------------------------------------------
 
+    def takes_body(self, body: bytes) -> bool:
+        """Whether `run_body` should run `body`: a request with no options (they are read
+        by the server: time limits, webhooks, links) to a function in a worker process."""
+        return self.parses_bodies and len(body) <= LARGE_BODY and only_data(body)
+
+    async def run_body(self, body: bytes, max_rows: int | None, timeout: float,
+                       call: Call) -> tuple[int, bytes]:
+        """`run` of the request `body`, parsed in the worker; `call` is a stand-in that gets
+        what the metrics read of it (batch, ids, failed)."""
+        future = self.executor.submit("body", (body, max_rows), time.monotonic() + timeout)
+        answer, batch, rows = await self._limit(future, timeout)
+        if answer is None:
+            raise REFUSED[batch](rows)
+        if batch:
+            call.batch, call.ids = True, [None] * rows
+        return self._answered(answer, call)
+
     async def run(self, call: Call, timeout: float) -> tuple[int, bytes]:
         """Run `call`; returns (status, body) or raises a FrameworkError."""
-        if self.batcher is not None:
+        if self._on_loop is not None:  # first: the path whose every step shows
+            answer = self._on_loop(call)
+        elif self.batcher is not None:
             answer = await self._vectorized(call, timeout)
         elif self.is_async:
             answer = await self._limit(self._async_answer(call), timeout)
-        elif self.inline:
-            assert self.calls is not None
-            answer = self.calls.answer(call)
         else:
             future = self.executor.submit("answer", call, time.monotonic() + timeout)
             answer = await self._limit(future, timeout)
+        status, value, extra = answer
+        if status == 200:
+            call.failed = extra
+            return 200, value
+        return self._answered(answer, call)
+
+    def _answered(self, answer: Answer, call: Call) -> tuple[int, bytes]:
         status, value, extra = answer
         if status == 200:
             call.failed = extra

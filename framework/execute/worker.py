@@ -14,7 +14,9 @@ packages). The protocol is pickled messages framed by
    them in order and answers each as soon as it is done with
    `("done", ok, value)`, or `("expired",)` for a call whose deadline
    (`time.monotonic()`, one clock for the whole machine) passed before it
-   started. `kind` is a method of `framework.execute.calls.Calls`.
+   started. `kind` is a method of `framework.execute.calls.Calls`: `body` (a request's
+   raw body, which the child parses, runs and encodes), `answer` (a parsed
+   request) or `vector` (a micro-batch's columns).
 3. The parent closing the child's stdin ends it.
 
 So the parent always knows which call is running: the first one of the
@@ -25,6 +27,7 @@ which never started, are sent to the next worker.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import sys
@@ -33,6 +36,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
+
+# The youngest objects are collected every this many new ones, as `framework serve` tunes
+# its own collector (framework/serve/server.py): a call sees the same collector in both modes,
+# and the default (700) ran several collections per 1,000-row request.
+GC_YOUNGEST = 10_000
 
 
 def shape(fn: Any) -> bytes | None:
@@ -74,6 +82,8 @@ def _load(conn_out: Connection, artifact: bytes, manifest: dict[str, Any]) -> An
         original = fn
         fn = functools.wraps(original)(lambda *a, **k: asyncio.run(original(*a, **k)))
     conn_out.send(("ready", shape(loaded.fn), False))
+    gc.freeze()  # the modules and the loaded version are never garbage: not walked again
+    gc.set_threshold(GC_YOUNGEST, *gc.get_threshold()[1:])
     return Calls(fn, label)
 
 

@@ -117,8 +117,15 @@ class Runtime:
         self.admit()
         self.inflight += 1
         try:
+            runner = self.versions.cached(branch, name, ref)
+            if runner is not None and runner.parses_bodies and runner.takes_body(body):  # in its worker
+                call = protocol.Call(False, None, [], [], False, None)
+                scope[SCOPE_CALL] = (runner, call)
+                status, payload = await runner.run_body(body, self.max_rows, self.timeout, call)
+                return await send_json(send, status, payload)
             if len(body) > protocol.LARGE_BODY:  # off the event loop, which serves the others meanwhile
                 call = await asyncio.to_thread(bigbody.parse_large, body, self.max_rows)
+                runner = self.versions.cached(branch, name, ref)  # again: it may have moved meanwhile
             else:
                 call = protocol.parse(body, self.max_rows)
             timeout = min(call.timeout or self.timeout, self.timeout)
@@ -128,7 +135,6 @@ class Runtime:
                 accepted = await self.jobs.accept(call, body, branch, name, version, base)
                 scope[SCOPE_CALL] = (Accepted((name, branch, str(version)), version), call)
                 return await send_json(send, 200, accepted)
-            runner = self.versions.cached(branch, name, ref)
             if runner is None:
                 version = await self.versions.resolve(branch, name, ref)
                 # Loading a version (unpickling, setup) is bounded by the same limit as the call.

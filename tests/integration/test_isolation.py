@@ -90,6 +90,25 @@ def isolated_vector(x):
 @deployment(isolation="process")
 def isolated_adder(a, b, c=100):
     return a + b + c
+
+
+def _echo(x, y=0):
+    if x == "bad":
+        raise ValueError(f"bad input {y}")
+    return x if y == 0 else [x, y]
+
+
+# One function in both modes: what a caller gets must not depend on where it ran.
+echo_process = deployment(name="echo_process", isolation="process")(_echo)
+echo_thread = deployment(name="echo_thread")(_echo)
+
+
+async def _echo_async(x, y=0):
+    return _echo(x, y)
+
+
+echo_async_process = deployment(name="echo_async_process", isolation="process")(_echo_async)
+echo_async_thread = deployment(name="echo_async_thread")(_echo_async)
 '''
 
 
@@ -215,3 +234,106 @@ def test_a_call_past_its_limit_kills_its_worker_and_what_queued_behind_runs(serv
     assert all(q.json()["data"][1] != before for q in queued)  # run on the new worker
     with pytest.raises(ProcessLookupError):
         os.kill(before, 0)
+
+
+# Bodies with no options, which the worker parses itself, and a few with options, which the
+# server parses: each must get the same answer from both modes.
+SAME_ANSWER_BODIES = [
+    b'{"data": 5}',
+    b'{"data": [[1, "a"], [3, 5, 6], [2, {"x": 1, "y": 2}]]}',
+    b'{"data": [["b", 1], [2, 2], ["a", 3], [1.5, 4]]}',  # mixed ids: numbers first
+    b'{"data": [[1, "bad"], [2, 2], [3, "bad", 7]]}',  # errors per row
+    b'{"data": [[1, "bad"], [2, 2]], "partial": true}',
+    b'{"data": [[1, "bad"], [2, 2]], "\\u0070artial": true}',  # an escaped option name
+    b'{"data": "bad"}',
+    b'{"data": [[1, 1], [1, 2]]}',  # a repeated id
+    b'{"data": [[1, 1], [], [3, 3]], "batch": true}',
+    b'{"data": [[true, 1]], "batch": true}',
+    b'{"data": [[1, 123456789012345678901234567890]]}',  # beyond 64 bits
+    b'{"data": [[1, 1]}',  # not JSON
+    b'[1, 2]',
+    b'{"rows": [[1, 1]]}',
+    b'{"data": [[1, 1], [2, 2]], "timeout_seconds": 10}',
+    b'{"data": [[1, ' + b'"' + b"x" * 300_000 + b'"' + b']]}',  # a huge row
+    b'{"data": [' + b",".join(b"[%d, %d]" % (i, i) for i in range(2000)) + b"]}",
+]
+
+
+def test_a_body_parsed_in_the_worker_answers_as_on_a_thread(server: Server) -> None:
+    for kind in ("echo", "echo_async"):
+        for body in SAME_ANSWER_BODIES:
+            process = server.post(f"/v1/{kind}_process/latest", body)
+            thread = server.post(f"/v1/{kind}_thread/latest", body)
+            assert (process.status_code, process.json()) == (thread.status_code, thread.json()), \
+                (kind, body[:80])
+            assert process.headers["content-type"] == "application/json"
+
+
+def _rows_counted(server: Server, name: str) -> tuple[float, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    counted = [0.0, 0.0]
+    for line in text.splitlines():
+        for n, metric in enumerate(("framework_rows_total{", "framework_row_errors_total{")):
+            if line.startswith(metric) and f'deployment="{name}"' in line:
+                counted[n] += float(line.rsplit(" ", 1)[1])
+    return counted[0], counted[1]
+
+
+def test_rows_and_row_errors_of_a_body_parsed_in_the_worker_are_counted(server: Server) -> None:
+    rows, errors = _rows_counted(server, "echo_process")
+    body = {"data": [[1, 1], [2, "bad"], [3, 3]], "partial": False}
+    plain = b'{"data": [[1, 1], [2, "bad"], [3, 3], [4, 4]]}'
+    assert server.post("/v1/echo_process/latest", plain).status_code == 422
+    assert server.post("/v1/echo_process/latest", b'{"data": [[1, 1], [2, 2]]}').status_code == 200
+    assert server.post("/v1/echo_process/latest", body).status_code == 422
+
+    def counted() -> bool:
+        return _rows_counted(server, "echo_process") == (rows + 9, errors + 2)
+
+    deadline = time.monotonic() + 30
+    while not counted() and time.monotonic() < deadline:  # counted within 50 ms of the answer
+        time.sleep(0.05)
+    assert _rows_counted(server, "echo_process") == (rows + 9, errors + 2)
+
+
+@pytest.fixture(scope="module")
+def short_server(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The same store, with a server time limit of 6 s and at most 100 rows a request."""
+    config = tmp_path_factory.mktemp("short") / "deploy.yaml"
+    config.write_text("server: {timeout_seconds: 6, max_rows: 100}\n")
+    srv = Server(project / "store", cwd=project, EXEC_TEST_LOG=str(project / "calls.log"),
+                 FRAMEWORK_CONFIG=str(config))
+    yield srv
+    srv.stop()
+
+
+def test_a_plain_body_past_the_server_limit_kills_its_worker_and_what_queued_runs(
+        short_server: Server) -> None:
+    # Loading counts against the same limit: on a busy machine, the first tries may time out.
+    deadline = time.monotonic() + 60
+    while (first := short_server.post("/v1/isolated/latest", b'{"data": 1}')).status_code != 200:
+        assert first.status_code == 504 and time.monotonic() < deadline, first.text
+    _, before = first.json()["data"]
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(short_server.post, "/v1/isolated/latest", b'{"data": [[1, -30]]}')
+        # Those queued behind it share its limit: sent 4 s later, they leave the new worker
+        # 4 s to start and answer them once the slow call is stopped.
+        time.sleep(4)
+        behind = [pool.submit(short_server.post, "/v1/isolated/latest", b'{"data": [[7, %d]]}' % i)
+                  for i in range(3)]
+        answer = slow.result()
+        queued = [f.result() for f in behind]
+    assert answer.status_code == 504, answer.text
+    assert [q.json()["data"][0][1][0] for q in queued] == [0, 1, 2]
+    assert all(q.json()["data"][0][1][1] != before for q in queued)  # run on the new worker
+    with pytest.raises(ProcessLookupError):
+        os.kill(before, 0)
+
+
+def test_a_plain_body_over_the_row_limit_answers_413_in_both_modes(short_server: Server) -> None:
+    for name in ("echo_process", "echo_thread"):
+        path = f"/v1/{name}/latest"
+        too_many = b'{"data": [' + b",".join(b"[%d, 1]" % i for i in range(101)) + b"]}"
+        answer = short_server.post(path, too_many)  # refused before the version is loaded
+        assert answer.status_code == 413 and "server.max_rows" in answer.json()["error"], name
+        assert short_server.post(path, too_many.replace(b",[100, 1]", b"")).status_code == 200

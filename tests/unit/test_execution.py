@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import orjson
 import pytest
 
 from framework import deployment
@@ -165,6 +166,28 @@ def test_whatever_sync_code_raises_is_its_rows_failure(error: type[BaseException
     assert body.startswith(b'{"data":[[1,1],[3,3]],"errors":[[2,"' + error.__name__.encode())
 
 
+def test_failures_anywhere_among_the_rows_fail_those_rows_only_and_each_runs_once() -> None:
+    ran: list[int] = []
+
+    def picky(x: int) -> int:
+        ran.append(x)
+        if x % 5 == 0:
+            raise ValueError(f"five {x}")
+        if x % 7 == 0:
+            raise StopIteration
+        return x
+
+    body = b'{"data": [%s], "partial": true}' % b",".join(b"[%d, %d]" % (i, i) for i in range(40))
+    [answer] = _answers(_runner(picky), [body])
+    status, payload = answer
+    got = orjson.loads(payload)
+    assert status == 200 and sorted(ran) == list(range(40))
+    assert got["data"] == [[i, i] for i in range(40) if i % 5 and i % 7]
+    assert [e[0] for e in got["errors"]] == [i for i in range(40) if not (i % 5 and i % 7)]
+    assert got["errors"][0] == [0, "ValueError: five 0"] and got["errors"][1] == [5, "ValueError: five 5"]
+    assert [7, "StopIteration"] in got["errors"]
+
+
 def test_failed_rows_are_logged_once_per_request_with_a_few_tracebacks(
         caplog: pytest.LogCaptureFixture) -> None:
     def fails(x: int) -> int:
@@ -253,3 +276,48 @@ def test_execution_options_are_checked_at_decoration_time() -> None:
     described = deployment(concurrency=4, isolation="process")(where).options.describe()
     assert (described["concurrency"], described["isolation"]) == (4, "process")
     assert "inline" not in deployment(where).options.describe()
+
+
+OPTION_BODIES = [
+    b'{"data": [[1, 2]], "batch": true}',
+    b'{"data": [[1, 2]], "partial": true}',
+    b'{"data": [[1, 2]], "timeout_seconds": 1}',
+    b'{"data": [[1, 2]], "response_webhook": "http://127.0.0.1:9/"}',
+    b'{"data": [[1, 2]], "response_format": "links"}',
+    b'{"data": [[1, 2]], "\\u0062atch": false}',  # "batch", escaped
+    b'{"data": [[1, 2]], "p\\u0061rtial": true}',
+]
+
+
+def test_only_bodies_that_cannot_name_an_option_are_left_to_a_worker_to_parse() -> None:
+    from framework.protocol import only_data
+
+    for body in OPTION_BODIES:
+        assert not only_data(body), body
+    plain = [b'{"data": [[1, 2]]}', b'{"data": 10}', b'{"data": [["batches", "timeout"]]}',
+             b'{"data": [[1, 2]], "other": 1}']
+    for body in plain:
+        assert only_data(body), body
+        call = parse(body)
+        assert (call.partial, call.timeout, call.webhook, call.response_format) == (False, None, None, None)
+
+
+def test_a_raw_body_is_answered_as_its_parsed_call_and_refusals_are_named() -> None:
+    from framework.execute.calls import Calls
+
+    def fn(x: Any, y: int = 0) -> Any:
+        if x == "bad":
+            raise ValueError("bad")
+        return [x, y]
+
+    calls = Calls(fn, "fn v1 (main)")
+    for body in [b'{"data": 3}', b'{"data": [[2, 1], [1, "bad"], [3, {"x": 1, "y": 2}]]}',
+                 b'{"data": [[2, 1], [1, 5]]}', b'{"data": "bad"}']:
+        call = parse(body)
+        answer, batch, rows = calls.body((body, None))
+        assert answer == calls.answer(call) and batch == call.batch
+        assert rows == (len(call.ids) if call.batch else 1)
+    assert calls.body((b'{"data": [[1, 1], [1, 2]]}', None))[:2] == (None, "BadRequest")
+    assert calls.body((b"not json", None))[:2] == (None, "BadRequest")
+    refused = calls.body((b'{"data": [[1, 1], [2, 2], [3, 3]]}', 2))
+    assert refused[:2] == (None, "PayloadTooLarge") and "server.max_rows" in refused[2]
