@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import framework
-from conftest import REPO, Server, free_port, run_cli
+from conftest import REPO, Server, free_port, run_cli, stop_process
 from framework.serve.links import Links
 from framework.store.local import LocalStore
 
@@ -522,13 +522,7 @@ def modelbit_reachable_server(async_store: Path, tmp_path: Path) -> Iterator[tup
                 except httpx.TransportError:
                     time.sleep(0.05)
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            stop_process(proc)
     raise AssertionError(f"no server on a port 5000:\n{(tmp_path / 'serve.log').read_text()}")
 
 

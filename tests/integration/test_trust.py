@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 import framework
-from conftest import REPO, Server, cli_env, free_port, run_cli
+from conftest import REPO, Server, cli_env, free_port, run_cli, stop_process
 from framework.store.local import LocalStore
 
 KEY = "k" * 16 + "-trust-signing-key"
@@ -175,12 +175,7 @@ def test_keys_hold_with_the_app_mounted_in_another_starlette_app(copied, tmp_pat
             time.sleep(0.05)
         _check_prefixed(url + "/ml", doubler, adder)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         log.close()
 
 
