@@ -25,6 +25,8 @@ import pytest
 pytest.register_assert_rewrite("store_contract")
 
 REPO = Path(__file__).resolve().parent.parent
+KUBE = REPO / "kubernetes"
+MANIFESTS = sorted(KUBE.glob("*.yaml")) + sorted((KUBE / "examples").glob("*.yaml"))
 UNIT = Path(__file__).resolve().parent / "unit"
 
 # Where servers and CLI subprocesses write logs and temporary files: set once per session
@@ -239,3 +241,14 @@ def examples_server(examples_store: Path) -> Iterator[Server]:
     server = Server(examples_store)
     yield server
     server.stop()
+
+
+def kube_docs() -> dict[str, dict[str, Any]]:
+    """The Kubernetes manifests' documents, by "Kind/name"."""
+    import yaml
+
+    found = {}
+    for f in MANIFESTS:
+        for doc in yaml.safe_load_all(f.read_text()):
+            found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return found

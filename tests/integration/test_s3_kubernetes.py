@@ -13,15 +13,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
-import yaml
 
-from conftest import REPO, Server
+from conftest import KUBE, MANIFESTS, Server, kube_docs
 
-KUBE = REPO / "kubernetes"
-MANIFESTS = sorted(KUBE.glob("*.yaml")) + sorted((KUBE / "examples").glob("*.yaml"))
 
 
 def validate(*files: Path) -> subprocess.CompletedProcess[str]:
@@ -30,16 +26,8 @@ def validate(*files: Path) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
-def docs() -> dict[str, dict[str, Any]]:
-    found = {}
-    for f in MANIFESTS:
-        for doc in yaml.safe_load_all(f.read_text()):
-            found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
-    return found
-
-
 def test_every_manifest_passes_strict_validation() -> None:
-    kinds = {k.split("/")[0] for k in docs()}
+    kinds = {k.split("/")[0] for k in kube_docs()}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
             "ConfigMap", "Secret"} <= kinds
     proc = validate(*MANIFESTS)

@@ -8,27 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
-import yaml
 
-from conftest import REPO
+from conftest import REPO, kube_docs
 from framework import config as cfgmod
 
-KUBE = REPO / "kubernetes"
-MANIFESTS = sorted(KUBE.glob("*.yaml")) + sorted((KUBE / "examples").glob("*.yaml"))
-
-
-def docs() -> dict[str, dict[str, Any]]:
-    found = {}
-    for f in MANIFESTS:
-        for doc in yaml.safe_load_all(f.read_text()):
-            found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
-    return found
 
 
 def test_the_manifests_fit_the_server_they_run(tmp_path: Path) -> None:
-    found = docs()
+    found = kube_docs()
     pod = found["Deployment/framework"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
