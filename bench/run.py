@@ -8,9 +8,10 @@ Three servers serve the same doubler: *bare-inline* (bench/bare_app.py, the
 function called on the event loop), *bare-safe* (the same endpoint with the
 work in Starlette's thread pool) and ours, which serves it in each of its
 execution modes (its own thread by default, `inline=True`, and
-`isolation="process"`). Each pass starts one server at a time, loads it and
-stops it, over loopback with bounded load; the order reverses in every other
-pass. The tables show per case the median over passes, and the median of the
+`isolation="process"`). In each pass the servers run side by side, over
+loopback with bounded load, and every case is measured on each server that
+has it one right after the other, in an order that reverses every other pass.
+The tables show per case the median over passes, and the median of the
 passes' ratios. docs/performance.md says what each row means.
 """
 
@@ -27,6 +28,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -216,50 +218,65 @@ def start(label: str, store_dir: Path, workers: int = 1, config: Path | None = N
 
 
 def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, Results]) -> None:
-    # Each server goes first in every other pass: a machine that slows down or speeds up
-    # during a pass favours neither end.
-    order = [*BARES, "ours"][:: 1 if n % 2 == 0 else -1]
-    for label in order:
-        into = got[label]
-        server = start(label, store_dir)
-        try:
-            into.setdefault("start", []).append(server.started_s)
-            for key, _, body, conns, rows in THROUGHPUT:
-                measure(server, DOUBLER, body, conns, rows, args.seconds, into, key)
-            into.setdefault("rss", []).append(server.rss_mb())
-            # One wrk thread, as for 2 workers below: with two, wrk alone takes a core of two.
-            measure(server, DOUBLER, SINGLE, 16, 0, args.seconds, into, "workers1", threads=1)
-            if label == "ours":
-                cases = {key: (body, conns, rows) for key, _, body, conns, rows in THROUGHPUT}
-                for mode, path, keys in MODES:
-                    for key in keys:
-                        measure(server, path, *cases[key], args.seconds, into, f"{key}_{mode}")
-                for key, path, body, conns, rows in OURS_ONLY:
-                    measure(server, path, body, conns, rows, args.seconds, into, key)
-                beside(server, args.seconds, into, store_dir.parent)
-                into.setdefault("deploy", []).append(deploy_to_served(server, store_dir, n + 1))
-                good, failed, bad_status = bad_row(server)
-                into.setdefault("bad_good", []).append(good)
-                into.setdefault("bad_422", []).append(failed)
-                into.setdefault("bad_status", []).append(bad_status)
-                # Every version loaded by now, the worker processes of the isolated ones included.
-                into.setdefault("rss_all", []).append(server.rss_mb())
-        finally:
-            server.stop()
-    # The single-row cases again with the metrics and the access log off: what they cost.
+    """One pass. The servers run side by side, idle but for the one under load, and each
+    case is measured on every server that has it, one right after the other, in an order
+    that reverses every other pass: on a shared machine, load moves more over minutes than
+    over seconds, and a ratio should not depend on when each side happened to run."""
+
+    def flip(items: list[Any]) -> list[Any]:
+        return items if n % 2 == 0 else items[::-1]
+
     config = store_dir.parent / "quiet.yaml"
     config.write_text(f"server: {{{QUIET}}}\n")
-    server = start("ours", store_dir, config=config)
+    # "ours" serves the doubler alone, so its RSS is the default mode's; "modes" (the same
+    # server) runs every other mode and case; "quiet" has the metrics and the access log off.
+    running: dict[str, servers.Server] = {}
     try:
-        for key, _, body, conns, rows in THROUGHPUT[:2]:
-            measure(server, DOUBLER, body, conns, rows, args.seconds, got["ours"], f"{key}_quiet")
+        for label in (*BARES, "ours", "modes", "quiet"):
+            running[label] = start(label if label in BARES else "ours", store_dir,
+                                   config=config if label == "quiet" else None)
+            if label in (*BARES, "ours"):
+                got[label].setdefault("start", []).append(running[label].started_s)
+
+        def run_group(group: list[tuple[str, str, str]], body: bytes, conns: int, rows: int,
+                      threads: int = 2) -> None:
+            for label, path, key in flip(group):
+                into = got[label if label in (*BARES, "ours") else "ours"]
+                measure(running[label], path, body, conns, rows, args.seconds, into, key, threads)
+
+        for key, _, body, conns, rows in THROUGHPUT:
+            group = [(label, DOUBLER, key) for label in (*BARES, "ours")]
+            group += [("modes", path, f"{key}_{mode}") for mode, path, keys in MODES if key in keys]
+            if key in ("single", "call"):  # what the metrics and the access log cost
+                group.append(("quiet", DOUBLER, f"{key}_quiet"))
+            run_group(group, body, conns, rows)
+        for label in (*BARES, "ours"):
+            got[label].setdefault("rss", []).append(running[label].rss_mb())
+        # One wrk thread, as for 2 workers below: with two, wrk alone takes a core of two.
+        run_group([(label, DOUBLER, "workers1") for label in (*BARES, "ours")], SINGLE, 16, 0, threads=1)
+        for pair in (OURS_ONLY[:2], OURS_ONLY[2:]):  # each gain's two sides back to back
+            for key, path, body, conns, rows in flip(pair):
+                measure(running["modes"], path, body, conns, rows, args.seconds, got["ours"], key)
+        ours = got["ours"]
+        beside(running["modes"], args.seconds, ours, store_dir.parent)
+        ours.setdefault("deploy", []).append(deploy_to_served(running["modes"], store_dir, n + 1))
+        good, failed, bad_status = bad_row(running["modes"])
+        ours.setdefault("bad_good", []).append(good)
+        ours.setdefault("bad_422", []).append(failed)
+        ours.setdefault("bad_status", []).append(bad_status)
+        # Every version loaded by now, the worker processes of the isolated ones included.
+        ours.setdefault("rss_all", []).append(running["modes"].rss_mb())
     finally:
-        server.stop()
-    for label in order:
-        server = start(label, store_dir, workers=2)
-        try:
-            measure(server, DOUBLER, SINGLE, 16, 0, args.seconds, got[label], "workers2", threads=1)
-        finally:
+        for server in running.values():
+            server.stop()
+    running = {}
+    try:
+        for label in (*BARES, "ours"):
+            running[label] = start(label, store_dir, workers=2)
+        for label in flip([*BARES, "ours"]):
+            measure(running[label], DOUBLER, SINGLE, 16, 0, args.seconds, got[label], "workers2", threads=1)
+    finally:
+        for server in running.values():
             server.stop()
 
 
@@ -442,8 +459,9 @@ docs/performance.md says how to run the harness and what each row means; in shor
   them; `inline=True` (on the event loop) is held to bare-inline.
 - wrk and the servers share the machine's cores, so compare ratios within one
   run, not absolute figures across runs. A ratio is the median of the passes'
-  ratios, and the order of the servers reverses in every other pass, so that
-  a drift in the machine's speed during a run favours none of them.
+  ratios. The servers run side by side, each case is measured on all of them
+  one right after the other, and that order reverses in every other pass, so
+  that a drift in the machine's speed during a run favours none of them.
 - All servers run uvicorn with httptools and uvloop (what `uvicorn[standard]`
   adds), with TCP_NODELAY on every connection (`framework/serve/server.py`).
 - `framework serve` tunes CPython's garbage collector (`framework/serve/server.py`):
