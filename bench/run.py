@@ -483,7 +483,9 @@ docs/performance.md says how to run the harness and what each row means; in shor
   client (a process of its own) keeps a pure-Python deployment busy, once in
   a worker process and once on a thread of the server, where it holds the
   GIL that the event loop needs. On two cores the worker process still takes
-  a core from the server and the load generator.
+  a core from the server and the load generator; it runs 10 steps nicer than
+  the server (`server.worker_nice`), so the server and the clients run first
+  when they wake.
 - The numpy MLP (`bench/models.py`) costs far more per call than the
   framework does per row, which makes it a fair test of vectorizing. Our
   server runs it with one BLAS thread (`OPENBLAS_NUM_THREADS=1`, set by

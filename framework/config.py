@@ -38,6 +38,9 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # Where sync deployments run unless they say: "thread" (their own threads in the
     # server) or "process" (warm worker processes); see docs/execution.md.
     "isolation": "thread",
+    # Worker processes run this much nicer than the server (0 to 19; 0: as the server), so
+    # that on busy cores the event loop, which answers every deployment, runs first.
+    "worker_nice": 10,
     # Per-deployment environments (docs/environments.md): where they are built
     # ("": $FRAMEWORK_CACHE_DIR/envs, else ~/.cache/framework/envs), whether those of
     # `latest` and aliases are built before /readyz says ready, and interpreters of
@@ -72,12 +75,14 @@ SERVER_DEFAULTS: dict[str, Any] = {
 # The smallest value each numeric server setting may take.
 SERVER_MINIMUMS: dict[str, float] = {
     "port": 1, "workers": 1, "max_body_bytes": 1, "body_timeout_seconds": 0.001, "max_rows": 1, "max_concurrency": 1,
-    "timeout_seconds": 0.001, "cache_size": 1, "cache_bytes": 0,
+    "timeout_seconds": 0.001, "cache_size": 1, "cache_bytes": 0, "worker_nice": 0,
     "async_timeout_seconds": 0.001, "async_concurrency": 1,
     "async_lease_seconds": 0.1, "async_poll_seconds": 0.01, "async_retention_seconds": 0,
     "webhook_attempts": 1, "webhook_backoff_seconds": 0, "webhook_backoff_max_seconds": 0,
     "webhook_timeout_seconds": 0.001, "link_ttl_seconds": 0.001,
 }
+# The largest value a numeric server setting may take.
+SERVER_MAXIMUMS: dict[str, float] = {"worker_nice": 19}
 # The values a string setting may take.
 SERVER_CHOICES: dict[str, tuple[str, ...]] = {"isolation": ("thread", "process")}
 
@@ -127,6 +132,9 @@ def _check_server(path: Path | None, raw: Any) -> dict[str, Any]:
         if key in SERVER_MINIMUMS and value < SERVER_MINIMUMS[key]:
             raise _fail(path, f"server.{key}", f"must be at least {SERVER_MINIMUMS[key]:g}, "
                         f"got {value!r}", "raise it")
+        if key in SERVER_MAXIMUMS and value > SERVER_MAXIMUMS[key]:
+            raise _fail(path, f"server.{key}", f"must be at most {SERVER_MAXIMUMS[key]:g}, "
+                        f"got {value!r}", "lower it")
         out[key] = value
     return out
 

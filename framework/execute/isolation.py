@@ -49,15 +49,27 @@ STOP_GRACE_S = 2.0
 CLOSED_IDLE_S = 0.05
 
 
+def _lower_priority(pid: int, nice: int) -> None:
+    """Make `pid` `nice` steps nicer than this process. Before the child has loaded
+    anything: set from here, it needs nothing from the child's interpreter."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    except OSError as exc:  # the child is gone already: its load answers for it
+        log.debug("could not lower the priority of worker %d: %s", pid, exc)
+
+
 class Worker:
     """One child process and the pipes to it."""
 
-    def __init__(self, label: str, artifact: bytes, manifest: dict[str, Any], python: str) -> None:
+    def __init__(self, label: str, artifact: bytes, manifest: dict[str, Any], python: str,
+                 nice: int = 0) -> None:
         self.label = label
         self.proc = subprocess.Popen(
             [python, "-m", "framework.execute.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        if nice:
+            _lower_priority(self.proc.pid, nice)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.send = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
         self.recv = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
@@ -120,11 +132,12 @@ class ProcessLane(Answers):
     """Runs `Calls.<kind>(arg)` of one version in `size` worker processes."""
 
     def __init__(self, size: int, label: str, artifact: bytes, manifest: dict[str, Any],
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, nice: int = 0) -> None:
+        """`nice`: how much lower than this process's the workers' CPU priority is."""
         super().__init__()
         self.size = size
         self.label = label
-        self._spawn_args = (label, artifact, manifest, python)
+        self._spawn_args = (label, artifact, manifest, python, nice)
         self.closed = False
         self._calls: SimpleQueue[_Handoff | None] = SimpleQueue()
         first = Worker(*self._spawn_args)  # load errors reach the loader at once

@@ -75,11 +75,13 @@ def _malloc_trim() -> Any:
 
 class VersionCache:
     def __init__(self, store: Store, *, size: int, max_bytes: int = 0, isolation: str = "thread",
-                 environments: Environments | None = None, ttl: float = 0.5) -> None:
+                 worker_nice: int = 0, environments: Environments | None = None,
+                 ttl: float = 0.5) -> None:
         self.store = store
         self.size = size
         self.max_bytes = max_bytes  # 0: no bound in bytes
         self.isolation = isolation  # the server's default; @deployment(isolation=...) wins
+        self.worker_nice = worker_nice
         self.environments = environments or Environments()
         self.building: dict[Key, str] = {}  # versions whose environment is being built: its key
         self.ttl = ttl
@@ -256,7 +258,8 @@ class VersionCache:
         if python is not None or (options.get("isolation") or self.isolation) == "process":
             label = f"{name} v{version} ({branch})"
             # Unpickled in the worker, not here.
-            lane = ProcessLane(concurrency, label, artifact, manifest, python=python or sys.executable)
+            lane = ProcessLane(concurrency, label, artifact, manifest, python=python or sys.executable,
+                               nice=self.worker_nice)
             runner = Runner(manifest, lane, signature=lane.signature)
         else:
             runner = self._load_here(manifest, artifact, concurrency)

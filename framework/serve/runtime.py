@@ -46,7 +46,8 @@ class Runtime:
         self.inflight = 0
         self.environments = Environments(s["env_dir"] or None, s["pythons"])
         self.versions = VersionCache(self.store, size=s["cache_size"], max_bytes=s["cache_bytes"],
-                                     isolation=s["isolation"], environments=self.environments)
+                                     isolation=s["isolation"], worker_nice=s["worker_nice"],
+                                     environments=self.environments)
         # Why /readyz should not say ready yet, if anything (server.prebuild building).
         self.not_ready: str | None = None
         self.links = Links(self.store, ttl=float(s["link_ttl_seconds"]), base_url=s["link_base_url"])

@@ -203,6 +203,21 @@ def test_an_isolated_deployment_runs_in_a_worker_process(server: Server) -> None
     assert vector.json() == {"data": [[i, 2 * i] for i in range(50)]}
 
 
+def _nice(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[16])  # the 19th field of proc(5)
+
+
+def test_workers_run_nicer_than_the_server_unless_told_not_to(server: Server, short_server: Server) -> None:
+    _, pid = server.post("/v1/isolated/latest", {"data": 1}).json()["data"]
+    assert _nice(pid) == min(19, _nice(server.proc.pid) + 10)  # server.worker_nice's default
+    deadline = time.monotonic() + 60  # loading counts against the short server's 6 s limit
+    while (first := short_server.post("/v1/isolated/latest", {"data": 1})).status_code != 200:
+        assert first.status_code == 504 and time.monotonic() < deadline, first.text
+    _, pid = first.json()["data"]
+    assert _nice(pid) == _nice(short_server.proc.pid)
+
+
 @pytest.mark.parametrize("crash, cause", [("exit", "exited with code 3"),
                                           ("segfault", "killed by SIGSEGV")])
 def test_a_crashing_worker_fails_only_its_call_and_is_replaced(
@@ -298,9 +313,10 @@ def test_rows_and_row_errors_of_a_body_parsed_in_the_worker_are_counted(server: 
 
 @pytest.fixture(scope="module")
 def short_server(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The same store, with a server time limit of 6 s and at most 100 rows a request."""
+    """The same store, with a server time limit of 6 s, at most 100 rows a request, and
+    workers as nice as the server."""
     config = tmp_path_factory.mktemp("short") / "deploy.yaml"
-    config.write_text("server: {timeout_seconds: 6, max_rows: 100}\n")
+    config.write_text("server: {timeout_seconds: 6, max_rows: 100, worker_nice: 0}\n")
     srv = Server(project / "store", cwd=project, EXEC_TEST_LOG=str(project / "calls.log"),
                  FRAMEWORK_CONFIG=str(config))
     yield srv

@@ -35,6 +35,14 @@ def test_every_numeric_server_setting_at_its_minimum_is_taken(tmp_path, key):
     assert load(tmp_path, f"server: {{{key}: {minimum}}}\n").server[key] == minimum
 
 
+@pytest.mark.parametrize("key", sorted(config.SERVER_MAXIMUMS))
+def test_every_numeric_server_setting_above_its_maximum_is_refused_naming_it(tmp_path, key):
+    maximum = config.SERVER_MAXIMUMS[key]
+    assert load(tmp_path, f"server: {{{key}: {maximum:g}}}\n").server[key] == maximum
+    with pytest.raises(ConfigError, match=rf"server\.{key}: must be at most {maximum:g}"):
+        load(tmp_path, f"server: {{{key}: {maximum + 1:g}}}\n")
+
+
 def test_defaults_apply_without_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FRAMEWORK_CONFIG", raising=False)
