@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from framework import config as cfgmod
 from framework.build import registry
-from framework.execute import loading
 from framework.store import signing
 from framework.errors import ConfigError, IntegrityError, StoreDamaged
 from framework.build.packing import Package, pack
@@ -120,7 +119,7 @@ def holds(store: Store, branch: str, name: str, version: int, content_sha256: st
         return False
     # A latest changed on disk since its deploy can never load: the fix is a fresh copy.
     try:
-        loading.check_integrity(store.read_artifact(branch, name, version), m, key)
+        signing.check_integrity(store.read_artifact(branch, name, version), m, key)
     except IntegrityError:
         return False
     return True

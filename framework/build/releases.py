@@ -14,7 +14,6 @@ from typing import Any
 
 from framework import config as cfgmod
 from framework.store import manifest as mf
-from framework.execute import loading
 from framework.store import signing
 from framework.errors import ConfigError, NotFound, StoreError
 from framework.build.publish import Result, publish_changed
@@ -115,7 +114,7 @@ def _republish(store: Store, name: str, src_branch: str, version: int, dst_branc
     artifact = store.read_artifact(src_branch, name, version)
     # Refuse to spread a changed artifact: the copy would get a fresh, trusted-looking version.
     key = signing.current_key()
-    loading.check_integrity(artifact, manifest, key)
+    signing.check_integrity(artifact, manifest, key)
     # The copy's branch, version, time and origin differ, so the source's signature cannot
     # carry over: the store signs the copy at publish (verified above: only what this key
     # signed is signed again).

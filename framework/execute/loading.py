@@ -7,7 +7,6 @@ the project's sources so tracebacks show their lines.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import linecache
 import logging
@@ -16,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from framework.errors import IncompatibleArtifact, IntegrityError
+from framework.errors import IncompatibleArtifact
 from framework.store import signing
 
 log = logging.getLogger("framework.loading")
@@ -57,26 +56,10 @@ class Loaded:
     manifest: dict[str, Any]
 
 
-def _where(manifest: dict[str, Any]) -> str:
-    return f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
-
-
-def check_integrity(artifact: bytes, manifest: dict[str, Any], key: bytes | None) -> None:
-    """Refuse an artifact that does not match its manifest, or its signature when `key` is set."""
-    if key is not None:
-        signing.verify(artifact, manifest, key)
-    digest = hashlib.sha256(artifact).hexdigest()
-    if digest != manifest.get("sha256"):
-        raise IntegrityError(
-            f"artifact of {_where(manifest)} does not match its manifest (sha256 {digest[:12]} != "
-            f"{str(manifest.get('sha256'))[:12]}): the store was changed after deploy; redeploy it"
-        )
-
-
 def check(artifact: bytes, manifest: dict[str, Any]) -> None:
     """Refuse an artifact that does not match its manifest (or signature) or this Python."""
-    check_integrity(artifact, manifest, signing.current_key())
-    where = _where(manifest)
+    signing.check_integrity(artifact, manifest, signing.current_key())
+    where = signing.where(manifest)
     built = str(manifest.get("python", ""))
     here = ".".join(map(str, sys.version_info[:3]))
     if built.split(".")[:2] != here.split(".")[:2]:

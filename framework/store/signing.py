@@ -96,3 +96,20 @@ def verify(artifact: bytes, manifest: dict[str, Any], key: bytes) -> None:
             f"{where} does not match its signature: its artifact or manifest was changed after "
             "deploy; redeploy it from source and check who can write to the store"
         )
+
+
+def where(manifest: dict[str, Any]) -> str:
+    """`name vN on branch 'b'`: how an artifact's errors name it."""
+    return f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
+
+
+def check_integrity(artifact: bytes, manifest: dict[str, Any], key: bytes | None) -> None:
+    """Refuse an artifact that does not match its manifest, or its signature when `key` is set."""
+    if key is not None:
+        verify(artifact, manifest, key)
+    digest = hashlib.sha256(artifact).hexdigest()
+    if digest != manifest.get("sha256"):
+        raise IntegrityError(
+            f"artifact of {where(manifest)} does not match its manifest (sha256 {digest[:12]} != "
+            f"{str(manifest.get('sha256'))[:12]}): the store was changed after deploy; redeploy it"
+        )
