@@ -382,7 +382,7 @@ def table(got: dict[str, Results], versions: int) -> str:
                           f"{ratio('ours', key, 'bare-safe', key):.2f}", target, mark(test(o[key]))))
     lines.append(line("deploy finished to new version served, s", "", "", num(o["deploy"]), "", "",
                       "about 1 s", mark(o["deploy"] <= 1.0)))
-    lines.append(line("RSS after every case (every version loaded, 2 in worker processes), MB",
+    lines.append(line("RSS of the server of ours' other modes after its cases (2 in worker processes), MB",
                       "", "", num(o["rss_all"]), "", "", "", ""))
 
     lines += ["", "Ours in its other modes, and with the metrics and the access log off, against the "
@@ -454,6 +454,7 @@ def table(got: dict[str, Results], versions: int) -> str:
     return "\n".join(lines)
 
 
+OTHERS = "## Other benchmarks"  # where bench/RESULTS.md's part written by hand begins
 NOTES = """## How to read it
 
 docs/performance.md says how to run the harness and what each row means; in short:
@@ -491,7 +492,7 @@ docs/performance.md says how to run the harness and what each row means; in shor
   client (a process of its own) keeps a pure-Python deployment busy, once in
   a worker process and once on a thread of the server, where it holds the
   GIL that the event loop needs. On two cores the worker process still takes
-  a core from the server and the load generator; it runs 10 steps nicer than
+  a core from the server and the load generator; it runs 5 steps nicer than
   the server (`server.worker_nice`), so the server and the clients run first
   when they wake.
 - The numpy MLP (`bench/models.py`) costs far more per call than the
@@ -548,11 +549,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if results:
         command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        # The other scripts' figures, kept as they are: this run did not measure them.
+        old = Path(results).read_text() if Path(results).exists() else ""
+        kept = old[old.index(OTHERS):] if OTHERS in old else ""
         Path(results).write_text(
             f"# Benchmark results\n\nLast run: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
             f"`{command.strip()}` ({plural(args.passes, 'pass')} of {args.seconds:g} s per case, "
             f"medians).\n\n"
-            f"Machine: {machine()}.\n\n{text}\n\n{NOTES}"
+            f"Machine: {machine()}.\n\n{text}\n\n{NOTES}" + (f"\n{kept}" if kept else "")
         )
         print(f"written to {results}", file=sys.stderr)
     return 0

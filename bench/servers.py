@@ -84,10 +84,15 @@ class Server:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The child processes of every thread of `pid`: the server starts worker processes
+    from its threads, and /proc lists a child under the thread that started it."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def bare(port: int, probe: str, body: bytes, workers: int = 1, safe: bool = False) -> Server:

@@ -40,7 +40,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "isolation": "thread",
     # Worker processes run this much nicer than the server (0 to 19; 0: as the server), so
     # that on busy cores the event loop, which answers every deployment, runs first.
-    "worker_nice": 10,
+    "worker_nice": 5,
     # Per-deployment environments (docs/environments.md): where they are built
     # ("": $FRAMEWORK_CACHE_DIR/envs, else ~/.cache/framework/envs), whether those of
     # `latest` and aliases are built before /readyz says ready, and interpreters of

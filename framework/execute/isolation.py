@@ -54,8 +54,10 @@ def _lower_priority(pid: int, nice: int) -> None:
     anything: set from here, it needs nothing from the child's interpreter."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
-    except OSError as exc:  # the child is gone already: its load answers for it
-        log.debug("could not lower the priority of worker %d: %s", pid, exc)
+    except ProcessLookupError:  # the child is gone already: its load answers for it
+        pass
+    except OSError as exc:
+        log.warning("could not lower the CPU priority of worker %d (server.worker_nice): %s", pid, exc)
 
 
 class Worker:

@@ -59,7 +59,7 @@ class Loaded:
 def check(artifact: bytes, manifest: dict[str, Any]) -> None:
     """Refuse an artifact that does not match its manifest (or signature) or this Python."""
     signing.check_integrity(artifact, manifest, signing.current_key())
-    where = signing.where(manifest)
+    where = signing.named(manifest)
     built = str(manifest.get("python", ""))
     here = ".".join(map(str, sys.version_info[:3]))
     if built.split(".")[:2] != here.split(".")[:2]:

@@ -73,7 +73,7 @@ def signed_with(manifest: dict[str, Any], key: bytes | None) -> bool:
 
 def verify(artifact: bytes, manifest: dict[str, Any], key: bytes) -> None:
     """Raise IntegrityError unless `manifest` carries a valid signature of `artifact` by `key`."""
-    where = f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
+    where = named(manifest)
     signed = manifest.get("signed")
     if not isinstance(signed, dict) or not isinstance(signed.get("hmac"), str):
         raise IntegrityError(
@@ -98,7 +98,7 @@ def verify(artifact: bytes, manifest: dict[str, Any], key: bytes) -> None:
         )
 
 
-def where(manifest: dict[str, Any]) -> str:
+def named(manifest: dict[str, Any]) -> str:
     """`name vN on branch 'b'`: how an artifact's errors name it."""
     return f"{manifest.get('name')} v{manifest.get('version')} on branch {manifest.get('branch')!r}"
 
@@ -110,6 +110,6 @@ def check_integrity(artifact: bytes, manifest: dict[str, Any], key: bytes | None
     digest = hashlib.sha256(artifact).hexdigest()
     if digest != manifest.get("sha256"):
         raise IntegrityError(
-            f"artifact of {where(manifest)} does not match its manifest (sha256 {digest[:12]} != "
+            f"artifact of {named(manifest)} does not match its manifest (sha256 {digest[:12]} != "
             f"{str(manifest.get('sha256'))[:12]}): the store was changed after deploy; redeploy it"
         )

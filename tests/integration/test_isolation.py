@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from conftest import Server, run_cli
+from framework import config
 
 MODULE = '''
 import ctypes
@@ -209,8 +210,10 @@ def _nice(pid: int) -> int:
 
 
 def test_workers_run_nicer_than_the_server_unless_told_not_to(server: Server, short_server: Server) -> None:
+    if _nice(server.proc.pid) >= 19:
+        pytest.skip("the tests run at nice 19 already: no worker can be nicer than the server")
     _, pid = server.post("/v1/isolated/latest", {"data": 1}).json()["data"]
-    assert _nice(pid) == min(19, _nice(server.proc.pid) + 10)  # server.worker_nice's default
+    assert _nice(pid) == min(19, _nice(server.proc.pid) + config.SERVER_DEFAULTS["worker_nice"])
     deadline = time.monotonic() + 60  # loading counts against the short server's 6 s limit
     while (first := short_server.post("/v1/isolated/latest", {"data": 1})).status_code != 200:
         assert first.status_code == 504 and time.monotonic() < deadline, first.text
