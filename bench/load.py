@@ -137,17 +137,20 @@ async def _python(url: str, body: bytes, connections: int, seconds: float) -> Lo
 # -- paced: a fixed rate, for latency below saturation -------------------------
 
 
-def paced(url: str, body: bytes, *, rate: float, seconds: float, connections: int = 8) -> Load:
+def paced(url: str, body: bytes, *, rate: float, seconds: float, connections: int = 8,
+          keep: list[float] | None = None) -> Load:
     """`rate` requests/s for `seconds` over `connections` keep-alive connections.
 
     A closed loop (`run`) keeps the server saturated, so its latency mostly
     measures the queue; at a fixed rate well under capacity it measures what
     a request waits for besides its own work (another deployment's CPU, the GIL).
-    Each request's latency counts from when it was sent."""
-    return asyncio.run(_paced(url, body, rate, seconds, connections))
+    Each request's latency counts from when it was sent; `keep` gets every one, in seconds.
+    """
+    return asyncio.run(_paced(url, body, rate, seconds, connections, keep))
 
 
-async def _paced(url: str, body: bytes, rate: float, seconds: float, connections: int) -> Load:
+async def _paced(url: str, body: bytes, rate: float, seconds: float, connections: int,
+                 keep: list[float] | None) -> Load:
     host, port, request = _request(url, body)
     loop = asyncio.get_running_loop()
     count = max(2, int(rate * seconds))  # the bound on the requests sent
@@ -175,6 +178,8 @@ async def _paced(url: str, body: bytes, rate: float, seconds: float, connections
 
     started = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(client() for _ in range(connections))), seconds + 30)
+    if keep is not None:
+        keep.extend(latencies)
     return _summary(latencies, time.perf_counter() - started, errors)
 
 

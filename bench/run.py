@@ -149,27 +149,39 @@ def cpu_seconds(server: servers.Server) -> float:
 
 def beside(server: servers.Server, seconds: float, into: Results, tmp: Path) -> None:
     """The doubler's latency at a fixed rate: alone, then while a second client keeps a
-    CPU-bound deployment busy, in a worker process and on a thread of the server."""
+    CPU-bound deployment busy, in a worker process and on a thread of the server.
+
+    Two rounds, the second in the reverse order, and each case's p99 over both rounds'
+    latencies: a p99 of about a millisecond moves with a few scheduling delays, and
+    twice the samples, taken minutes apart at most, move it less."""
+    cases = [("alone", None), ("spin_process", "/v1/spin_process/latest"),
+             ("spin_thread", "/v1/spin_thread/latest")]
     url = server.url(DOUBLER)
-    for key, other in (("alone", None), ("spin_process", "/v1/spin_process/latest"),
-                       ("spin_thread", "/v1/spin_thread/latest")):
-        hammer = None
-        if other is not None:
-            # Two connections: one call always waits while the other runs.
-            hammer = load.Hammer(server.url(other), SPIN, connections=2, seconds=seconds + 1, tmp=tmp)
-        try:
-            result = load.paced(url, SINGLE, rate=PACED_RATE, seconds=seconds)
-        except BaseException:
-            if hammer is not None:
-                hammer.stop()
-            raise
-        spun = hammer.result() if hammer is not None else None
-        if result.errors or (spun is not None and spun.errors):
-            raise RuntimeError(f"{server.label}: failed requests beside {other}")
-        into.setdefault(f"{key}_p50", []).append(result.p50_ms)
-        into.setdefault(f"{key}_p99", []).append(result.p99_ms)
-        if spun is not None:
-            into.setdefault(f"{key}_rps", []).append(spun.rps)
+    latencies: dict[str, list[float]] = {key: [] for key, _ in cases}
+    rates: dict[str, list[float]] = {key: [] for key, _ in cases}
+    for round_cases in (cases, cases[::-1]):
+        for key, other in round_cases:
+            hammer = None
+            if other is not None:
+                # Two connections: one call always waits while the other runs.
+                hammer = load.Hammer(server.url(other), SPIN, connections=2, seconds=seconds + 1, tmp=tmp)
+            try:
+                result = load.paced(url, SINGLE, rate=PACED_RATE, seconds=seconds, keep=latencies[key])
+            except BaseException:
+                if hammer is not None:
+                    hammer.stop()
+                raise
+            spun = hammer.result() if hammer is not None else None
+            if result.errors or (spun is not None and spun.errors):
+                raise RuntimeError(f"{server.label}: failed requests beside {other}")
+            if spun is not None:
+                rates[key].append(spun.rps)
+    for key, _ in cases:
+        cuts = statistics.quantiles(latencies[key], n=100)
+        into.setdefault(f"{key}_p50", []).append(cuts[49] * 1e3)
+        into.setdefault(f"{key}_p99", []).append(cuts[98] * 1e3)
+        if rates[key]:
+            into.setdefault(f"{key}_rps", []).append(statistics.median(rates[key]))
 
 
 def bad_row(server: servers.Server, clients: int = 64) -> tuple[int, int, int]:
@@ -188,13 +200,21 @@ def bad_row(server: servers.Server, clients: int = 64) -> tuple[int, int, int]:
     return good, failed, answers[0][0]
 
 
+def doubler_store(store_dir: Path) -> Path:
+    """The store that holds the doubler alone, beside `store_dir`."""
+    return store_dir.parent / "doubler-store"
+
+
 def make_store(root: Path, versions: int) -> Path:
-    """A store with `versions` versions of the doubler, and the other functions once."""
+    """A store with `versions` versions of the doubler, and the other functions once; and
+    `doubler_store` with the same versions of the doubler only, for the server measured
+    against the bare apps, which serve nothing else either (its memory, its start)."""
     store_dir = root / "store"
-    store = open_store(str(store_dir))
     package = pack(functions.doubler, branch="main", roots=[servers.BENCH])
-    for _ in range(versions):
-        store.publish("main", "doubler", package.artifact, package.manifest)
+    for where in (store_dir, doubler_store(store_dir)):
+        store = open_store(str(where))
+        for _ in range(versions):
+            store.publish("main", "doubler", package.artifact, package.manifest)
     for dep in (functions.doubler_inline, functions.doubler_process, functions.spin_process,
                 functions.spin_thread, functions.bumped, models.mlp_rows, models.mlp_vectorized,
                 models.mlp_vectorized_inline):
@@ -233,12 +253,14 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
 
     config = store_dir.parent / "quiet.yaml"
     config.write_text(f"server: {{{QUIET}}}\n")
-    # "ours" serves the doubler alone, so its RSS is the default mode's; "modes" (the same
-    # server) runs every other mode and case; "quiet" has the metrics and the access log off.
+    # "ours" serves a store of the doubler alone, as the bare apps serve nothing else, so
+    # its memory and start compare with theirs; "quiet" is the same with the metrics and
+    # the access log off; "modes" serves every other mode and case.
     running: dict[str, servers.Server] = {}
     try:
         for label in (*BARES, "ours", "modes", "quiet"):
-            running[label] = start(label if label in BARES else "ours", store_dir,
+            running[label] = start(label if label in BARES else "ours",
+                                   store_dir if label == "modes" else doubler_store(store_dir),
                                    config=config if label == "quiet" else None)
             if label in (*BARES, "ours"):
                 got[label].setdefault("start", []).append(running[label].started_s)
@@ -277,7 +299,7 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
     running = {}
     try:
         for label in (*BARES, "ours"):
-            running[label] = start(label, store_dir, workers=2)
+            running[label] = start(label, doubler_store(store_dir), workers=2)
         for label in flip([*BARES, "ours"]):
             measure(running[label], DOUBLER, SINGLE, 16, 0, args.seconds, got[label], "workers2", threads=1)
     finally:
@@ -488,7 +510,8 @@ docs/performance.md says how to run the harness and what each row means; in shor
   The server only forwards bytes, so large batches cost about the CPU they
   cost in the server, and their parsing moves to the worker's core.
 - Beside a CPU-bound deployment: the doubler is probed at a fixed rate well
-  under capacity (`bench/load.py`'s `paced`), alone, then while a second
+  under capacity (`bench/load.py`'s `paced`), in two rounds whose latencies
+  are pooled per case (the second round in the reverse order), alone, then while a second
   client (a process of its own) keeps a pure-Python deployment busy, once in
   a worker process and once on a thread of the server, where it holds the
   GIL that the event loop needs. On two cores the worker process still takes
