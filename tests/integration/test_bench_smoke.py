@@ -10,12 +10,12 @@ from conftest import REPO, cli_env
 
 # Rows every run prints: the two floors, ours in each execution mode, and the extras.
 ROWS = ("single-row batch", "single call", "1,000-row batches", "10,000-row batches", "p50 latency",
-        "p99 latency", "RSS after load", "RSS after every case", "start to first answer",
+        "p99 latency", "RSS after load", "RSS of the server of ours' other modes", "start to first answer",
         "deploy finished",
         "`inline=True`: single-row batch", '`isolation="process"`: single-row batch',
         '`isolation="process"`: 1,000-row batches', "`metrics: false, access_log: false`",
         "| alone |", 'beside `isolation="process"`', "beside the same on a thread",
-        "vectorized", "micro-batched", "One bad row", "2 workers")
+        "vectorized", "the vectorized model with `inline=True`", "micro-batched", "One bad row", "2 workers")
 
 
 def _tables(text: str) -> list[list[list[str]]]:
