@@ -22,7 +22,7 @@ pa = pytest.importorskip("pyarrow")  # in the dev extra: CI always has it
 import pyarrow.csv as pacsv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from conftest import cli_env, run_cli  # noqa: E402
+from conftest import cli_env, run_cli, stop_process  # noqa: E402
 from framework.batch import io  # noqa: E402
 from framework.batch.score import Job, run_partition, score_table  # noqa: E402
 
@@ -290,9 +290,7 @@ def test_a_deploy_during_the_job_changes_nothing_in_its_output(tmp_path: Path) -
         run_cli("deploy", store=store, cwd=tmp_path)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
     assert proc.returncode == 0, stderr
     assert json.loads(stdout)["version"] == 1
     assert pq.read_table(out).column("result").to_pylist() == list(range(3000))
@@ -407,9 +405,7 @@ def test_ctrl_c_stops_workers_and_leaves_no_output(project: Path, tmp_path: Path
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
     assert proc.returncode == 130 and "interrupted" in stderr, stderr
     assert "Traceback" not in stderr, stderr
     assert not out.exists() and leftovers(tmp_path) == []

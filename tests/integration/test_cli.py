@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, stop_process
 
 import framework
 from framework.cli import cli
@@ -224,9 +224,7 @@ def _on_a_terminal(args: list[str], store: Path, cwd: Path, timeout: float = 120
         os.close(main)
         if out_file:
             out_file.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
     return out.decode(errors="replace")
 
 
@@ -268,9 +266,7 @@ def test_ctrl_c_during_deploy_exits_130_without_a_traceback(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in stderr
     assert not store.exists() or LocalStore(store).deployments() == []
