@@ -294,8 +294,7 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
         # Every version loaded by now, the worker processes of the isolated ones included.
         ours.setdefault("rss_all", []).append(running["modes"].rss_mb())
     finally:
-        for server in running.values():
-            server.stop()
+        servers.stop_all(running.values())
     running = {}
     try:
         for label in (*BARES, "ours"):
@@ -303,8 +302,7 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
         for label in flip([*BARES, "ours"]):
             measure(running[label], DOUBLER, SINGLE, 16, 0, args.seconds, got[label], "workers2", threads=1)
     finally:
-        for server in running.values():
-            server.stop()
+        servers.stop_all(running.values())
 
 
 def only_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, Results]) -> None:
@@ -328,8 +326,7 @@ def only_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, 
                 _, path, _, case = wanted[(label, key)]
                 measure(running[label], path or paths[case], *cases[case], args.seconds, got[label], key)
     finally:
-        for server in running.values():
-            server.stop()
+        servers.stop_all(running.values())
 
 
 def only_table(got: dict[str, Results], only: list[str]) -> str:

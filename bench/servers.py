@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 BENCH = Path(__file__).resolve().parent
 
@@ -81,6 +82,18 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def stop_all(running: Iterable[Server]) -> None:
+    """Stop every server, even when stopping one of them fails; then raise the first failure."""
+    failed: BaseException | None = None
+    for server in running:
+        try:
+            server.stop()
+        except BaseException as exc:  # noqa: BLE001 - raised below, once the others are stopped
+            failed = failed or exc
+    if failed is not None:
+        raise failed
 
 
 def _children(pid: int) -> list[int]:
