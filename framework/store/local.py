@@ -41,6 +41,9 @@ OWNER = ".owner"
 NEW = ".new"
 
 
+_ABSENT = object()  # what `LocalStore._read_json` returns for a file that is not there
+
+
 class LocalStore(Store):
     """A store in a local directory (or a shared filesystem mount)."""
 
@@ -213,17 +216,24 @@ class LocalStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot list branch {branch!r}: {os_problem(exc)}") from exc
 
-    def aliases(self, branch: str, name: str) -> dict[str, int]:
+    def _read_json(self, path: Path, what: str) -> Any:
+        """The JSON document at `path`: `_ABSENT` if there is none, None if it does not
+        parse; a file that cannot be read raises StoreError naming `what`."""
         try:
-            data = (self._dir(branch, name) / "aliases.json").read_bytes()
+            data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
-            return {}
+            return _ABSENT
         except OSError as exc:
-            raise StoreError(f"cannot read the aliases of {name!r}: {os_problem(exc)}") from exc
+            raise StoreError(f"cannot read {what}: {os_problem(exc)}") from exc
         try:
-            found = mf.loads(data)
+            return mf.loads(data)
         except ValueError:
-            found = None
+            return None
+
+    def aliases(self, branch: str, name: str) -> dict[str, int]:
+        found = self._read_json(self._dir(branch, name) / "aliases.json", f"the aliases of {name!r}")
+        if found is _ABSENT:
+            return {}
         if not isinstance(found, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in found.values()
         ):
@@ -258,16 +268,9 @@ class LocalStore(Store):
             raise StoreError(f"cannot write aliases of {name!r} in {self.root}: {os_problem(exc)}") from exc
 
     def read_keys(self) -> dict[str, Any] | None:
-        try:
-            data = (self.root / "keys.json").read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+        doc = self._read_json(self.root / "keys.json", "the store's API keys")
+        if doc is _ABSENT:
             return None
-        except OSError as exc:
-            raise StoreError(f"cannot read the store's API keys: {os_problem(exc)}") from exc
-        try:
-            doc = mf.loads(data)
-        except ValueError:
-            doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys", {}), dict):
             raise StoreDamaged(
                 "keys.json (the store's API keys) is damaged (not a JSON object); restore it from "
