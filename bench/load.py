@@ -103,7 +103,8 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return head.startswith(b"HTTP/1.1 2")
 
 
-def _summary(latencies: list[float], elapsed: float, errors: int) -> Load:
+def summary(latencies: list[float], elapsed: float, errors: int) -> Load:
+    """The rate, p50 and p99 (ms) of `latencies` (seconds) measured over `elapsed` seconds."""
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
     return Load(len(latencies) / elapsed, cuts[49] * 1e3, cuts[98] * 1e3, errors)
 
@@ -131,7 +132,7 @@ async def _python(url: str, body: bytes, connections: int, seconds: float) -> Lo
 
     started = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(client() for _ in range(connections))), seconds + 30)
-    return _summary(latencies, time.perf_counter() - started, errors)
+    return summary(latencies, time.perf_counter() - started, errors)
 
 
 # -- paced: a fixed rate, for latency below saturation -------------------------
@@ -180,7 +181,7 @@ async def _paced(url: str, body: bytes, rate: float, seconds: float, connections
     await asyncio.wait_for(asyncio.gather(*(client() for _ in range(connections))), seconds + 30)
     if keep is not None:
         keep.extend(latencies)
-    return _summary(latencies, time.perf_counter() - started, errors)
+    return summary(latencies, time.perf_counter() - started, errors)
 
 
 # -- another client, in a process of its own -----------------------------------

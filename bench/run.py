@@ -177,9 +177,9 @@ def beside(server: servers.Server, seconds: float, into: Results, tmp: Path) -> 
             if spun is not None:
                 rates[key].append(spun.rps)
     for key, _ in cases:
-        cuts = statistics.quantiles(latencies[key], n=100)
-        into.setdefault(f"{key}_p50", []).append(cuts[49] * 1e3)
-        into.setdefault(f"{key}_p99", []).append(cuts[98] * 1e3)
+        pooled = load.summary(latencies[key], 2 * seconds, 0)
+        into.setdefault(f"{key}_p50", []).append(pooled.p50_ms)
+        into.setdefault(f"{key}_p99", []).append(pooled.p99_ms)
         if rates[key]:
             into.setdefault(f"{key}_rps", []).append(statistics.median(rates[key]))
 
