@@ -135,14 +135,15 @@ class Calls:
             failures.log(1)
             return False, text
 
-    def vector(self, columns: list[list[Any]]) -> Outcome:
-        """One call of a vectorized function over whole columns."""
+    def vector(self, rows: list[list[Any]]) -> Outcome:
+        """One call of a vectorized function over a micro-batch's rows `[id, *arguments]`,
+        passed as whole columns: made here, on the thread or in the worker that calls it."""
         try:
-            return vector_result(self.label, self.fn(*columns), len(columns[0]))
+            return vector_result(self.label, self.fn(*columns(rows)), len(rows))
         except SYNC_ERRORS as exc:
             failures = Failures(self.label)
             text = failures.add(exc, None)
-            failures.log(len(columns[0]))
+            failures.log(len(rows))
             return False, text
 
     def answer(self, call: Call) -> Answer:
@@ -160,6 +161,11 @@ class Calls:
         except (BadRequest, PayloadTooLarge) as exc:  # the server answers them as its own
             return None, type(exc).__name__, str(exc)
         return self.answer(call), call.batch, len(call.ids) if call.batch else 1
+
+
+def columns(rows: list[list[Any]]) -> list[list[Any]]:
+    """One list per parameter, from rows `[id, *arguments]`."""
+    return [list(column) for column in zip(*rows)][1:]
 
 
 def vector_result(label: str, out: Any, n: int) -> Outcome:

@@ -27,6 +27,7 @@ from framework.execute.calls import (
     Calls,
     Failures,
     batch_answer,
+    columns,
     single_answer,
     vector_result,
 )
@@ -183,11 +184,10 @@ class Runner:
         return good, failed
 
     async def _vector_call(self, rows: list[list[Any]]) -> Outcome:
-        columns = [list(column) for column in zip(*rows)][1:]
         if self.is_async:
             assert self.fn is not None
             try:
-                return vector_result(self.label, await self.fn(*columns), len(rows))
+                return vector_result(self.label, await self.fn(*columns(rows)), len(rows))
             except USER_ERRORS as exc:
                 failures = Failures(self.label)
                 text = failures.add(exc, None)
@@ -195,9 +195,9 @@ class Runner:
                 return False, text
         if self.inline:
             assert self.calls is not None
-            return self.calls.vector(columns)
+            return self.calls.vector(rows)
         # No time limit here: each caller's bounds its own wait for the batch.
-        return await self.executor.submit("vector", columns, NO_DEADLINE)
+        return await self.executor.submit("vector", rows, NO_DEADLINE)
 
     async def _vectorized(self, call: Call, timeout: float) -> Answer:
         assert self.batcher is not None

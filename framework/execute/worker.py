@@ -16,7 +16,7 @@ packages). The protocol is pickled messages framed by
    (`time.monotonic()`, one clock for the whole machine) passed before it
    started. `kind` is a method of `framework.execute.calls.Calls`: `body` (a request's
    raw body, which the child parses, runs and encodes), `answer` (a parsed
-   request) or `vector` (a micro-batch's columns).
+   request) or `vector` (a micro-batch's rows, turned into columns here).
 3. The parent closing the child's stdin ends it.
 
 So the parent always knows which call is running: the first one of the
