@@ -51,3 +51,16 @@ def mlp_vectorized(a: list[float], b: list[float], c: list[float], d: list[float
 @deployment(name="mlp_vectorized_inline", vectorized=True, inline=True, max_batch_rows=1024, max_wait_ms=0)
 def mlp_vectorized_inline(a: list[float], b: list[float], c: list[float], d: list[float]) -> list[float]:
     return _score(np.column_stack([a, b, c, d])).tolist()
+
+
+# Both in a worker process each: the CPU-heavy mode, whose calls share no GIL with the
+# server's event loop (docs/execution.md).
+@deployment(name="mlp_rows_process", isolation="process")
+def mlp_rows_process(a: float, b: float, c: float, d: float) -> float:
+    return float(_score(np.array([a, b, c, d])))
+
+
+@deployment(name="mlp_vectorized_process", vectorized=True, isolation="process", max_batch_rows=1024,
+            max_wait_ms=0)
+def mlp_vectorized_process(a: list[float], b: list[float], c: list[float], d: list[float]) -> list[float]:
+    return _score(np.column_stack([a, b, c, d])).tolist()

@@ -72,6 +72,8 @@ OURS_ONLY = [
     ("mlp_rows", "/v1/mlp_rows/latest", batch(1000, 4), 4, 1000),
     ("mlp_vec", "/v1/mlp_vectorized/latest", batch(1000, 4), 4, 1000),
     ("mlp_vec_inline", "/v1/mlp_vectorized_inline/latest", batch(1000, 4), 4, 1000),
+    ("mlp_rows_process", "/v1/mlp_rows_process/latest", batch(1000, 4), 4, 1000),
+    ("mlp_vec_process", "/v1/mlp_vectorized_process/latest", batch(1000, 4), 4, 1000),
     ("micro_rows", "/v1/mlp_rows/latest", MLP_ROW, 64, 0),
     ("micro_vec", "/v1/mlp_vectorized/latest", MLP_ROW, 64, 0),
 ]
@@ -96,11 +98,14 @@ ONLY = {
                 ("inline / bare-inline, single call req/s", ("ours", "call_inline"),
                  ("bare-inline", "call"), None)]),
     "mlp": ([("ours", "", "mlp_rows", "mlp_rows"), ("ours", "", "mlp_vec", "mlp_vec"),
-             ("ours", "", "mlp_vec_inline", "mlp_vec_inline")],
+             ("ours", "", "mlp_vec_inline", "mlp_vec_inline"), ("ours", "", "mlp_rows_process", "mlp_rows_process"),
+             ("ours", "", "mlp_vec_process", "mlp_vec_process")],
             [("vectorized / row by row, numpy MLP rows/s", ("ours", "mlp_vec"), ("ours", "mlp_rows"),
               10.0),
              ("vectorized inline=True / row by row, numpy MLP rows/s", ("ours", "mlp_vec_inline"),
-              ("ours", "mlp_rows"), None)]),
+              ("ours", "mlp_rows"), None),
+             ('both isolation="process", vectorized / row by row, numpy MLP rows/s',
+              ("ours", "mlp_vec_process"), ("ours", "mlp_rows_process"), None)]),
 }
 
 Results = dict[str, list[float]]
@@ -217,7 +222,7 @@ def make_store(root: Path, versions: int) -> Path:
             store.publish("main", "doubler", package.artifact, package.manifest)
     for dep in (functions.doubler_inline, functions.doubler_process, functions.spin_process,
                 functions.spin_thread, functions.bumped, models.mlp_rows, models.mlp_vectorized,
-                models.mlp_vectorized_inline):
+                models.mlp_vectorized_inline, models.mlp_rows_process, models.mlp_vectorized_process):
         framework.deploy(dep, store=str(store_dir))
     return store_dir
 
@@ -281,7 +286,7 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
             got[label].setdefault("rss", []).append(running[label].rss_mb())
         # One wrk thread, as for 2 workers below: with two, wrk alone takes a core of two.
         run_group([(label, DOUBLER, "workers1") for label in (*BARES, "ours")], SINGLE, 16, 0, threads=1)
-        for pair in (OURS_ONLY[:3], OURS_ONLY[3:]):  # each gain's sides back to back
+        for pair in (OURS_ONLY[:3], OURS_ONLY[3:5], OURS_ONLY[5:]):  # each gain's sides back to back
             for key, path, body, conns, rows in flip(pair):
                 measure(running["modes"], path, body, conns, rows, args.seconds, got["ours"], key)
         ours = got["ours"]
@@ -401,7 +406,7 @@ def table(got: dict[str, Results], versions: int) -> str:
                           f"{ratio('ours', key, 'bare-safe', key):.2f}", target, mark(test(o[key]))))
     lines.append(line("deploy finished to new version served, s", "", "", num(o["deploy"]), "", "",
                       "about 1 s", mark(o["deploy"] <= 1.0)))
-    lines.append(line("RSS of the server of ours' other modes after its cases (2 in worker processes), MB",
+    lines.append(line("RSS of the server of ours' other modes after its cases (4 in worker processes), MB",
                       "", "", num(o["rss_all"]), "", "", "", ""))
 
     lines += ["", "Ours in its other modes, and with the metrics and the access log off, against the "
@@ -452,6 +457,9 @@ def table(got: dict[str, Results], versions: int) -> str:
     r = ratio("ours", "mlp_vec_inline", "ours", "mlp_rows")
     lines.append(line("the same, the vectorized model with `inline=True` (no hop to its thread)",
                       num(o["mlp_rows"]), num(o["mlp_vec_inline"]), f"{r:.1f}x", "", ""))
+    r = ratio("ours", "mlp_vec_process", "ours", "mlp_rows_process")
+    lines.append(line('the same, both with `isolation="process"` (no GIL shared with the event loop)',
+                      num(o["mlp_rows_process"]), num(o["mlp_vec_process"]), f"{r:.1f}x", "", ""))
     r = ratio("ours", "micro_vec", "ours", "micro_rows")
     lines.append(line("numpy MLP, 64 single-row clients, req/s (micro-batched)", num(o["micro_rows"]),
                       num(o["micro_vec"]), f"{r:.2f}x", "a gain (>= 1.1x)", mark(r >= 1.1)))
