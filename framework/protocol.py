@@ -87,6 +87,10 @@ _OPTION_NAMES = (b'"batch"', b'"partial"', b'"timeout_seconds"', b'"response_web
                  b'"response_format"')
 
 
+# What a piece of a body scanned on its own must share with the next (`serve.bigbody`).
+OPTION_OVERLAP = max(map(len, _OPTION_NAMES)) - 1
+
+
 def only_data(body: bytes) -> bool:
     """Whether `body` cannot ask for any option but the defaults: it names none, and holds
     no escape that could spell one. What it holds may still be invalid."""

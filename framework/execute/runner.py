@@ -32,7 +32,7 @@ from framework.execute.calls import (
     vector_result,
 )
 from framework.errors import BadRequest, CallTimeout, DeploymentFailed, PayloadTooLarge, RowsFailed
-from framework.protocol import LARGE_BODY, Binder, Call, only_data
+from framework.protocol import Binder, Call
 from framework.execute.threads import Lane
 
 # What an async deployment may raise and still get an answer. Not BaseException:
@@ -218,11 +218,6 @@ class Runner:
         return single_answer(False, failed[0]) if failed else single_answer(True, results[0])
 
     # -- entry ------------------------------------------------------------------
-
-    def takes_body(self, body: bytes) -> bool:
-        """Whether `run_body` should run `body`: a request with no options (they are read
-        by the server: time limits, webhooks, links) to a function in a worker process."""
-        return self.parses_bodies and len(body) <= LARGE_BODY and only_data(body)
 
     async def run_body(self, body: bytes, max_rows: int | None, timeout: float,
                        call: Call) -> tuple[int, bytes]:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import orjson
 import pytest
 
 from conftest import Server, run_cli
-from framework import config
+from framework import config, protocol
 
 MODULE = '''
 import ctypes
@@ -256,6 +257,8 @@ def test_a_call_past_its_limit_kills_its_worker_and_what_queued_behind_runs(serv
 
 # Bodies with no options, which the worker parses itself, and a few with options, which the
 # server parses: each must get the same answer from both modes.
+# Rows enough for a body over protocol.LARGE_BODY, in reverse order.
+BIG_ROWS = [[i, i % 97] for i in range(100_000, 0, -1)]
 SAME_ANSWER_BODIES = [
     b'{"data": 5}',
     b'{"data": [[1, "a"], [3, 5, 6], [2, {"x": 1, "y": 2}]]}',
@@ -274,6 +277,12 @@ SAME_ANSWER_BODIES = [
     b'{"data": [[1, 1], [2, 2]], "timeout_seconds": 10}',
     b'{"data": [[1, ' + b'"' + b"x" * 300_000 + b'"' + b']]}',  # a huge row
     b'{"data": [' + b",".join(b"[%d, %d]" % (i, i) for i in range(2000)) + b"]}",
+    # Over a megabyte, with what the server must read past the first one.
+    orjson.dumps({"data": BIG_ROWS}),
+    orjson.dumps({"data": BIG_ROWS + [[0, "bad"]], "partial": True}),
+    orjson.dumps({"data": BIG_ROWS + [[0, "bad"]]}),
+    orjson.dumps({"data": BIG_ROWS, "timeout_seconds": 30}),
+    orjson.dumps({"data": BIG_ROWS + [[5, 5]]}),  # a repeated id
 ]
 
 
@@ -285,6 +294,19 @@ def test_a_body_parsed_in_the_worker_answers_as_on_a_thread(server: Server) -> N
             assert (process.status_code, process.json()) == (thread.status_code, thread.json()), \
                 (kind, body[:80])
             assert process.headers["content-type"] == "application/json"
+
+
+def test_an_option_past_the_first_megabyte_of_a_body_is_still_read_by_the_server(server: Server) -> None:
+    """A body with no option goes to the worker raw, whatever its size; one naming an option
+    anywhere is read by the server, which serves this one by a link."""
+    body = orjson.dumps({"data": BIG_ROWS, "response_format": "links"})
+    assert body.index(b'"response_format"') > protocol.LARGE_BODY
+    resp = server.post("/v1/echo_process/latest", body)
+    assert resp.status_code == 200, resp.text[:300]
+    url = resp.json()["data"]
+    assert url.startswith(server.url + "/v1/echo_process/links/")
+    fetched = httpx.get(url, timeout=60)
+    assert fetched.json() == {"data": [[i, i % 97] for i in range(1, 100_001)]}
 
 
 def _rows_counted(server: Server, name: str) -> tuple[float, float]:

@@ -5,6 +5,7 @@ tests/integration/test_intake.py sends the same kinds of bodies to a real server
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import orjson
@@ -116,6 +117,20 @@ def test_a_well_formed_batch_read_in_pieces_is_read_as_a_whole(rows, spaced, tai
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bigbody, "PIECE_BYTES", piece)
         assert outcome(bigbody.parse_large, raw) == outcome(protocol.parse, raw)
+
+
+_SCANNED = [b"x", b"1,2", b'"data"', b'"', b"\\", b"u", b"\\u", *protocol._OPTION_NAMES]
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from(_SCANNED), max_size=40), scan=st.integers(1, 40))
+def test_a_big_body_scanned_for_options_in_pieces_is_scanned_as_a_whole(parts, scan):
+    """Whether a body names an option decides who parses it: an option name across a cut
+    between two pieces must still be found."""
+    raw = b"".join(parts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bigbody, "SCAN_BYTES", scan)
+        assert asyncio.run(bigbody.only_data(raw)) == protocol.only_data(raw)
 
 
 def test_a_big_batch_is_cut_into_pieces_and_read_right():
