@@ -533,6 +533,8 @@ docs/performance.md says how to run the harness and what each row means; in shor
   show what the hop to the thread and back costs a model whose numpy calls
   each let go of the GIL and take it again while the loop parses the next
   request. It is not a way to serve it: a call takes about half a millisecond.
+  The `isolation="process"` line serves both sides in worker processes,
+  whose numpy shares no GIL with the event loop; the rows cross a pipe.
 - Micro-batching gathers concurrent single-row requests into one call
   (`max_wait_ms=0`). A failed gathered call fails every request it held:
   running them again one by one would run the function twice for the rows
