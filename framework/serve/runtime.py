@@ -119,7 +119,17 @@ class Runtime:
         self.inflight += 1
         try:
             runner = self.versions.cached(branch, name, ref)
-            if runner is not None and runner.parses_bodies and await self.only_data(body):  # in its worker
+            # A body naming no option, which only the server reads, goes raw to a worker that
+            # parses bodies, whatever its size. A large one is scanned a piece at a time.
+            raw = runner is not None and runner.parses_bodies
+            if raw and len(body) > protocol.LARGE_BODY:
+                raw = await bigbody.only_data(body)
+                runner = self.versions.cached(branch, name, ref)  # the scan let the loop run: again
+                raw = raw and runner is not None and runner.parses_bodies
+            elif raw:
+                raw = protocol.only_data(body)
+            if raw:  # parsed, run and encoded in its worker
+                assert runner is not None
                 call = protocol.Call(False, None, [], [], False, None)
                 scope[SCOPE_CALL] = (runner, call)
                 status, payload = await runner.run_body(body, self.max_rows, self.timeout, call)
@@ -150,15 +160,6 @@ class Runtime:
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-length", b"%d" % len(payload)), (b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": payload})
-
-    @staticmethod
-    async def only_data(body: bytes) -> bool:
-        """Whether `body` names no option, which the server would have to read itself: then a
-        version whose worker parses bodies gets it raw, however large. The bytes cross the
-        pipe as they came, where the parsed rows would have been built here and pickled."""
-        if len(body) > protocol.LARGE_BODY:
-            return await bigbody.only_data(body)
-        return protocol.only_data(body)
 
     def admit(self) -> None:
         if self.inflight >= self.max_inflight:

@@ -301,6 +301,8 @@ def test_an_option_past_the_first_megabyte_of_a_body_is_still_read_by_the_server
     anywhere is read by the server, which serves this one by a link."""
     body = orjson.dumps({"data": BIG_ROWS, "response_format": "links"})
     assert body.index(b'"response_format"') > protocol.LARGE_BODY
+    # Loaded first: only a loaded version's requests are sent to its worker raw.
+    assert server.post("/v1/echo_process/latest", {"data": [[1, 1]]}).status_code == 200
     resp = server.post("/v1/echo_process/latest", body)
     assert resp.status_code == 200, resp.text[:300]
     url = resp.json()["data"]

@@ -133,6 +133,19 @@ def test_a_big_body_scanned_for_options_in_pieces_is_scanned_as_a_whole(parts, s
         assert asyncio.run(bigbody.only_data(raw)) == protocol.only_data(raw)
 
 
+def test_an_option_anywhere_in_a_body_of_megabytes_is_found():
+    rows = orjson.dumps({"data": [[i, i % 97] for i in range(300_000)]})
+    assert len(rows) > 3 * bigbody.SCAN_BYTES
+    assert asyncio.run(bigbody.only_data(rows))
+    for tail in (b', "timeout_seconds": 1}', b', "\\u0070artial": true}', b', "response_format": "links"}'):
+        body = rows[:-1] + tail
+        assert not asyncio.run(bigbody.only_data(body)), tail
+    at = bigbody.SCAN_BYTES - 4  # a name across the first cut (the scan reads bytes, not JSON)
+    across = rows[:at] + b'"partial"' + rows[at:]
+    assert protocol.only_data(across[:bigbody.SCAN_BYTES]) and protocol.only_data(across[bigbody.SCAN_BYTES:])
+    assert not asyncio.run(bigbody.only_data(across))
+
+
 def test_a_big_batch_is_cut_into_pieces_and_read_right():
     rows = [[i, [i, "],[", {"k": [i]}]] for i in range(60_000, 0, -1)]
     body = orjson.dumps({"data": rows, "partial": True})
