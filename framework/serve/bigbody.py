@@ -15,7 +15,7 @@ Anything this does not handle (a body of another shape, a cut that does not
 parse, a second "data" key, a possible integer beyond 64 bits) goes to
 `protocol.parse` whole, which answers exactly as for a small body.
 
-`only_data` looks for option names the same way, a megabyte at a time, for a
+`only_data` looks for option names in pieces too, a megabyte at a time, for a
 body that goes to a worker process unparsed if it names none.
 """
 

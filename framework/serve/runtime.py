@@ -119,7 +119,7 @@ class Runtime:
         self.inflight += 1
         try:
             runner = self.versions.cached(branch, name, ref)
-            # A body naming no option, which only the server reads, goes raw to a worker that
+            # Options are the server's to read: a body naming none goes raw to a worker that
             # parses bodies, whatever its size. A large one is scanned a piece at a time.
             raw = runner is not None and runner.parses_bodies
             if raw and len(body) > protocol.LARGE_BODY:
