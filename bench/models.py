@@ -34,33 +34,24 @@ def _score(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(x @ w[:, 0] + b[0])))
 
 
-@deployment(name="mlp_rows")
-def mlp_rows(a: float, b: float, c: float, d: float) -> float:
+def _rows(a: float, b: float, c: float, d: float) -> float:
     return float(_score(np.array([a, b, c, d])))
 
 
+def _vectorized(a: list[float], b: list[float], c: list[float], d: list[float]) -> list[float]:
+    return _score(np.column_stack([a, b, c, d])).tolist()
+
+
+# One function for each way of calling the model, served in several modes.
+mlp_rows = deployment(name="mlp_rows")(_rows)
 # No wait (max_wait_ms=0): with many clients, requests queue up on their own while
 # a call runs, and a wait would only add latency. 1,024 rows bound one call's time.
-@deployment(name="mlp_vectorized", vectorized=True, max_batch_rows=1024, max_wait_ms=0)
-def mlp_vectorized(a: list[float], b: list[float], c: list[float], d: list[float]) -> list[float]:
-    return _score(np.column_stack([a, b, c, d])).tolist()
-
-
+VECTORIZED = {"vectorized": True, "max_batch_rows": 1024, "max_wait_ms": 0}
+mlp_vectorized = deployment(name="mlp_vectorized", **VECTORIZED)(_vectorized)
 # The same on the event loop: not how this model should be served (a call takes about half a
 # millisecond), but what the vectorized gain is without the hop to the version's thread.
-@deployment(name="mlp_vectorized_inline", vectorized=True, inline=True, max_batch_rows=1024, max_wait_ms=0)
-def mlp_vectorized_inline(a: list[float], b: list[float], c: list[float], d: list[float]) -> list[float]:
-    return _score(np.column_stack([a, b, c, d])).tolist()
-
-
+mlp_vectorized_inline = deployment(name="mlp_vectorized_inline", inline=True, **VECTORIZED)(_vectorized)
 # Both in a worker process each: the CPU-heavy mode, whose calls share no GIL with the
 # server's event loop (docs/execution.md).
-@deployment(name="mlp_rows_process", isolation="process")
-def mlp_rows_process(a: float, b: float, c: float, d: float) -> float:
-    return float(_score(np.array([a, b, c, d])))
-
-
-@deployment(name="mlp_vectorized_process", vectorized=True, isolation="process", max_batch_rows=1024,
-            max_wait_ms=0)
-def mlp_vectorized_process(a: list[float], b: list[float], c: list[float], d: list[float]) -> list[float]:
-    return _score(np.column_stack([a, b, c, d])).tolist()
+mlp_rows_process = deployment(name="mlp_rows_process", isolation="process")(_rows)
+mlp_vectorized_process = deployment(name="mlp_vectorized_process", isolation="process", **VECTORIZED)(_vectorized)

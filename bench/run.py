@@ -68,15 +68,17 @@ MODES = [
     ("process", "/v1/doubler_process/latest", ("single", "call", "b1k", "b10k")),
 ]
 DOUBLER = "/v1/doubler/latest"
-OURS_ONLY = [
-    ("mlp_rows", "/v1/mlp_rows/latest", batch(1000, 4), 4, 1000),
-    ("mlp_vec", "/v1/mlp_vectorized/latest", batch(1000, 4), 4, 1000),
-    ("mlp_vec_inline", "/v1/mlp_vectorized_inline/latest", batch(1000, 4), 4, 1000),
-    ("mlp_rows_process", "/v1/mlp_rows_process/latest", batch(1000, 4), 4, 1000),
-    ("mlp_vec_process", "/v1/mlp_vectorized_process/latest", batch(1000, 4), 4, 1000),
-    ("micro_rows", "/v1/mlp_rows/latest", MLP_ROW, 64, 0),
-    ("micro_vec", "/v1/mlp_vectorized/latest", MLP_ROW, 64, 0),
+# The cases only ours has, in groups whose cases are measured back to back: each gain's sides.
+OURS_ONLY_GROUPS = [
+    [("mlp_rows", "/v1/mlp_rows/latest", batch(1000, 4), 4, 1000),
+     ("mlp_vec", "/v1/mlp_vectorized/latest", batch(1000, 4), 4, 1000),
+     ("mlp_vec_inline", "/v1/mlp_vectorized_inline/latest", batch(1000, 4), 4, 1000)],
+    [("mlp_rows_process", "/v1/mlp_rows_process/latest", batch(1000, 4), 4, 1000),
+     ("mlp_vec_process", "/v1/mlp_vectorized_process/latest", batch(1000, 4), 4, 1000)],
+    [("micro_rows", "/v1/mlp_rows/latest", MLP_ROW, 64, 0),
+     ("micro_vec", "/v1/mlp_vectorized/latest", MLP_ROW, 64, 0)],
 ]
+OURS_ONLY = [case for group in OURS_ONLY_GROUPS for case in group]
 QUIET = "metrics: false, access_log: false"
 # `--only`: the cases one target compares, as (server, path, case key, THROUGHPUT or
 # OURS_ONLY key), and the ratios shown: (label, (server, key), (server, key), target).
@@ -286,8 +288,8 @@ def one_pass(n: int, args: argparse.Namespace, store_dir: Path, got: dict[str, R
             got[label].setdefault("rss", []).append(running[label].rss_mb())
         # One wrk thread, as for 2 workers below: with two, wrk alone takes a core of two.
         run_group([(label, DOUBLER, "workers1") for label in (*BARES, "ours")], SINGLE, 16, 0, threads=1)
-        for pair in (OURS_ONLY[:3], OURS_ONLY[3:5], OURS_ONLY[5:]):  # each gain's sides back to back
-            for key, path, body, conns, rows in flip(pair):
+        for group in OURS_ONLY_GROUPS:
+            for key, path, body, conns, rows in flip(group):
                 measure(running["modes"], path, body, conns, rows, args.seconds, got["ours"], key)
         ours = got["ours"]
         beside(running["modes"], args.seconds, ours, store_dir.parent)
