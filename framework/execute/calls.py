@@ -16,6 +16,7 @@ rows cross the pipe as the bytes they came in, not as pickled objects.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import traceback
 from itertools import starmap
@@ -166,6 +167,61 @@ class Calls:
 def columns(rows: list[list[Any]]) -> list[list[Any]]:
     """One list per parameter, from rows `[id, *arguments]`."""
     return [list(column) for column in zip(*rows)][1:]
+
+
+def vector_rows(binder: Binder, signature: inspect.Signature | None, label: str,
+                rows: list[list[Any]]) -> tuple[list[list[Any]], dict[int, str]]:
+    """Rows as `[id, *every positional argument]` of a vectorized function, and the errors
+    of the rows that do not fit its signature, by index."""
+    if signature is None:
+        return rows, {}
+    width = len(signature.parameters) + 1
+    if set(map(len, rows)) <= {width}:
+        return rows, {}
+    good, failed = [], {}
+    failures = Failures(label)
+    for index, row in enumerate(rows):
+        try:
+            args, kwargs = binder.row(row[1:])
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            good.append([row[0], *bound.arguments.values()])
+        except TypeError as exc:
+            failed[index] = failures.add(exc, row[0])
+    failures.log(len(rows))
+    return good, failed
+
+
+def vector_rows_of(binder: Binder, call: Call) -> list[list[Any]]:
+    """A vectorized function's rows for `call`: a single call is a one-row batch."""
+    if call.batch:
+        return call.rows
+    args, kwargs = binder.single(call.data)
+    # A single call's arguments as a row's: keyword arguments travel as one dict.
+    return [[None, kwargs] if kwargs else [None, *args]]
+
+
+def merge_unbound(n: int, unbound: dict[int, str], results: list[Any],
+                  failed: dict[int, str]) -> tuple[list[Any], dict[int, str]]:
+    """The results of `n` rows, from those of the rows that were bound (`vector_rows`),
+    with the unbound ones' errors put back in their places."""
+    if not unbound:
+        return results, failed
+    ran = iter(range(n - len(unbound)))
+    merged, errors = [], {}
+    for index in range(n):
+        at = None if index in unbound else next(ran)
+        merged.append(None if at is None else results[at])
+        if at is None or at in failed:
+            errors[index] = unbound[index] if at is None else failed[at]
+    return merged, errors
+
+
+def vector_answer(call: Call, results: list[Any], failed: dict[int, str]) -> Answer:
+    """The answer to `call` from its rows' outcomes in a vectorized call."""
+    if call.batch:
+        return batch_answer(call, results, failed)
+    return single_answer(False, failed[0]) if failed else single_answer(True, results[0])
 
 
 def vector_result(label: str, out: Any, n: int) -> Outcome:

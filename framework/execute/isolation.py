@@ -12,7 +12,9 @@ sent to the new worker as they are: no call ever runs twice.
 A request with no options travels as its raw body (`Runner.run_body`): the
 worker parses it, runs it and encodes the answer, so the server only
 forwards bytes, and the rows are never pickled on one side and unpickled on
-the other.
+the other. A vectorized version's worker may gather such requests into one
+call (`framework.execute.gathering`), and says so first: a crash or a time
+limit then fails every request that call held.
 """
 
 from __future__ import annotations
@@ -245,10 +247,14 @@ class ProcessLane(Answers):
                 handoff.value = exc
                 self._answer(handoff)
             return True
-        for index, handoff in enumerate(batch):
+        index, last, deadline = 0, 0, batch[0].deadline  # `last`: the last call the running one holds
+        while index < len(batch):
+            handoff = batch[index]
+            if index > last:
+                last, deadline = index, handoff.deadline
             try:
-                if not worker.recv.poll(max(handoff.deadline - time.monotonic(), 0.0)
-                                        if handoff.deadline != float("inf") else None):
+                if not worker.recv.poll(max(deadline - time.monotonic(), 0.0)
+                                        if deadline != float("inf") else None):
                     worker.kill()
                     error: Exception = CallTimeout(
                         f"{self.label} did not answer within its time limit; its worker process "
@@ -256,24 +262,33 @@ class ProcessLane(Answers):
                     )
                 else:
                     answer = worker.recv.recv()
+                    if answer[0] == "group":  # the next call holds this request and those after it
+                        last = index + answer[1] - 1
+                        # Stopped only once every caller it holds has given up.
+                        deadline = max(h.deadline for h in batch[index:last + 1])
+                        continue
                     if answer[0] == "done":
                         handoff.ok, handoff.value = answer[1], answer[2]
                         if not handoff.ok:
                             handoff.value = RuntimeError(handoff.value)
                         self._answer(handoff)
-                    continue  # "expired": its caller's own timer answers it
+                    index += 1  # "expired": its caller's own timer answers it
+                    continue
             except (EOFError, OSError):
                 death = worker.death()
                 log.error("%s: %s while running a call; starting a new one", self.label, death)
                 worker.kill()
+                held = ("a micro-batch that held this request (a failed micro-batch fails every "
+                        "request it held)" if last > index else "this call")
                 error = WorkerCrashed(
-                    f"{self.label} crashed: {death} while running this call (the other calls "
-                    "queued for it are unaffected); fix the deployment, or send other inputs"
+                    f"{self.label} crashed: {death} while running {held}; the other calls "
+                    "queued for it are unaffected. Fix the deployment, or send other inputs"
                 )
-            # The worker is gone: this call fails, and those behind it, which never started,
-            # go to the next worker.
-            handoff.value = error
-            self._answer(handoff)
-            pending.extendleft(reversed(batch[index + 1:]))
+            # The worker is gone: the running call fails, with every request it held, and the
+            # calls behind them, which never started, go to the next worker.
+            for failed in batch[index:last + 1]:
+                failed.value = error
+                self._answer(failed)
+            pending.extendleft(reversed(batch[last + 1:]))
             return False
         return True

@@ -28,9 +28,14 @@ from framework.execute.calls import (
     Failures,
     batch_answer,
     columns,
+    merge_unbound,
     single_answer,
+    vector_answer,
     vector_result,
+    vector_rows,
+    vector_rows_of,
 )
+from framework.execute.gathering import gathers_raw
 from framework.errors import BadRequest, CallTimeout, DeploymentFailed, PayloadTooLarge, RowsFailed
 from framework.protocol import Binder, Call
 from framework.execute.threads import Lane
@@ -94,7 +99,8 @@ class Runner:
                                    max_wait=options["max_wait_ms"] / 1000)
         # A function in another process parses the bodies of its plain requests itself:
         # pickling the parsed rows to it, and unpickling them there, cost more than parsing.
-        self.parses_bodies = fn is None and self.batcher is None
+        # A vectorized one's worker then gathers them into calls, where it can.
+        self.parses_bodies = fn is None and (self.batcher is None or gathers_raw(options))
         # `inline=True` and not vectorized: the whole request, here on the event loop.
         self._on_loop = self.calls.answer if self.inline and self.batcher is None else None
 
@@ -162,27 +168,6 @@ class Runner:
 
     # -- vectorized -------------------------------------------------------------
 
-    def _vector_rows(self, rows: list[list[Any]]) -> tuple[list[list[Any]], dict[int, str]]:
-        """Rows as `[id, *every positional argument]`, and the rows that do not fit."""
-        signature = self.signature
-        if signature is None:
-            return rows, {}
-        width = len(signature.parameters) + 1
-        if set(map(len, rows)) <= {width}:
-            return rows, {}
-        good, failed = [], {}
-        failures = Failures(self.label)
-        for index, row in enumerate(rows):
-            try:
-                args, kwargs = self.binder.row(row[1:])
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                good.append([row[0], *bound.arguments.values()])
-            except TypeError as exc:
-                failed[index] = failures.add(exc, row[0])
-        failures.log(len(rows))
-        return good, failed
-
     async def _vector_call(self, rows: list[list[Any]]) -> Outcome:
         if self.is_async:
             assert self.fn is not None
@@ -201,21 +186,13 @@ class Runner:
 
     async def _vectorized(self, call: Call, timeout: float) -> Answer:
         assert self.batcher is not None
-        rows = call.rows if call.batch else [[None, *_positional(self.binder.single(call.data))]]
-        good, unbound = self._vector_rows(rows)
+        rows = vector_rows_of(self.binder, call)
+        good, unbound = vector_rows(self.binder, self.signature, self.label, rows)
         results, failed = await self._limit(self.batcher.submit(good), timeout) if good else ([], {})
-        if unbound:  # put the rows that could not be bound back in their places
-            ran = iter(range(len(good)))
-            merged, errors = [], {}
-            for index in range(len(rows)):
-                at = None if index in unbound else next(ran)
-                merged.append(None if at is None else results[at])
-                if at is None or at in failed:
-                    errors[index] = unbound[index] if at is None else failed[at]
-            results, failed = merged, errors
-        if call.batch:
-            return await self._batch_answer(call, results, failed)
-        return single_answer(False, failed[0]) if failed else single_answer(True, results[0])
+        results, failed = merge_unbound(len(rows), unbound, results, failed)
+        if call.batch and len(results) > OFFLOAD_ROWS:  # a large answer is encoded off the loop
+            return await asyncio.to_thread(vector_answer, call, results, failed)
+        return vector_answer(call, results, failed)
 
     # -- entry ------------------------------------------------------------------
 
@@ -264,9 +241,3 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
         return inspect.signature(fn)
     except (TypeError, ValueError):
         return None
-
-
-def _positional(bound: tuple[tuple[Any, ...], dict[str, Any]]) -> list[Any]:
-    """A single call's arguments as a row's: keyword arguments travel as one dict."""
-    args, kwargs = bound
-    return [kwargs] if kwargs else list(args)

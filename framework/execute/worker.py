@@ -17,10 +17,13 @@ packages). The protocol is pickled messages framed by
    started. `kind` is a method of `framework.execute.calls.Calls`: `body` (a request's
    raw body, which the child parses, runs and encodes), `answer` (a parsed
    request) or `vector` (a micro-batch's rows, turned into columns here).
+   A vectorized version's child may gather raw bodies into one call
+   (`framework.execute.gathering`); it first sends `("group", n)`, n being
+   how many of the calls it has not answered yet that call holds.
 3. The parent closing the child's stdin ends it.
 
 So the parent always knows which call is running: the first one of the
-message it sent without an answer. A call past its deadline is stopped by
+message it sent without an answer, with those a `group` names. A call past its deadline is stopped by
 killing the child, a crash fails only that call, and the calls behind it,
 which never started, are sent to the next worker.
 """
@@ -96,6 +99,7 @@ def main() -> int:
     os.dup2(devnull, 0)
     sys.stdout = sys.stderr
     calls = None
+    gatherer = None
     while True:
         try:
             message = conn_in.recv()
@@ -105,16 +109,28 @@ def main() -> int:
             calls = _load(conn_out, message[1], message[2])
             if calls is None:
                 return 1
+            from framework.execute.gathering import Gatherer, gathers_raw
+
+            options = message[2].get("options") or {}
+            if gathers_raw(options):
+                gatherer = Gatherer(calls, options["max_batch_rows"])
             continue
         assert calls is not None, "a call before the load"
-        for kind, arg, deadline in message[1]:
-            if time.monotonic() >= deadline:
-                conn_out.send(("expired",))
-                continue
-            try:
-                conn_out.send(("done", True, getattr(calls, kind)(arg)))
-            except BaseException as exc:  # noqa: BLE001 - Calls catches user errors; this is ours
-                conn_out.send(("done", False, f"{type(exc).__name__}: {exc}"))
+        if gatherer is not None:
+            gatherer.run(message[1], conn_out.send, lambda *item: _one(calls, *item))
+            continue
+        for item in message[1]:
+            conn_out.send(_one(calls, *item))
+
+
+def _one(calls: Any, kind: str, arg: Any, deadline: float) -> tuple[Any, ...]:
+    """The answer to one call of a message."""
+    if time.monotonic() >= deadline:
+        return ("expired",)
+    try:
+        return ("done", True, getattr(calls, kind)(arg))
+    except BaseException as exc:  # noqa: BLE001 - Calls catches user errors; this is ours
+        return ("done", False, f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

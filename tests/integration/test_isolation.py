@@ -89,6 +89,19 @@ def isolated_vector(x):
     return [2 * v for v in x]
 
 
+@deployment(isolation="process", vectorized=True, max_batch_rows=8)
+def gathered(x):
+    """Waits for the test's gate on a row of -1; exits on 999; logs each call's rows."""
+    if -1 in x:
+        while not os.path.exists(LOG + ".gate"):
+            time.sleep(0.01)
+    if 999 in x:
+        os._exit(3)
+    with open(LOG + ".vec", "a") as f:
+        f.write(" ".join(map(str, x)) + "\\n")
+    return [[2 * v, len(x)] for v in x]
+
+
 @deployment(isolation="process")
 def isolated_adder(a, b, c=100):
     return a + b + c
@@ -103,6 +116,16 @@ def _echo(x, y=0):
 # One function in both modes: what a caller gets must not depend on where it ran.
 echo_process = deployment(name="echo_process", isolation="process")(_echo)
 echo_thread = deployment(name="echo_thread")(_echo)
+
+
+def _vector_echo(x, y=0):
+    if "bad" in x:
+        raise ValueError(f"bad input among {len(x)}")
+    return [v if w == 0 else [v, w] for v, w in zip(x, y)]
+
+
+vector_process = deployment(name="vector_process", isolation="process", vectorized=True)(_vector_echo)
+vector_thread = deployment(name="vector_thread", vectorized=True)(_vector_echo)
 
 
 async def _echo_async(x, y=0):
@@ -287,7 +310,7 @@ SAME_ANSWER_BODIES = [
 
 
 def test_a_body_parsed_in_the_worker_answers_as_on_a_thread(server: Server) -> None:
-    for kind in ("echo", "echo_async"):
+    for kind in ("echo", "echo_async", "vector"):
         for body in SAME_ANSWER_BODIES:
             process = server.post(f"/v1/{kind}_process/latest", body)
             thread = server.post(f"/v1/{kind}_thread/latest", body)
@@ -380,3 +403,61 @@ def test_a_plain_body_over_the_row_limit_answers_413_in_both_modes(short_server:
         answer = short_server.post(path, too_many)  # refused before the version is loaded
         assert answer.status_code == 413 and "server.max_rows" in answer.json()["error"], name
         assert short_server.post(path, too_many.replace(b",[100, 1]", b"")).status_code == 200
+
+
+def _in_flight(server: Server) -> float:
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("framework_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no framework_requests_in_flight in /metrics")
+
+
+def _behind_a_gate(server: Server, project: Path, values: list[int]) -> tuple[httpx.Response, list[httpx.Response]]:
+    """Single-row requests of `values` to `gathered`, sent while its worker waits at a gate:
+    they reach it in one message."""
+    log, gate = project / "calls.log.vec", project / "calls.log.gate"
+    gate.unlink(missing_ok=True)
+    assert server.post("/v1/gathered/latest", {"data": [[0, 0]]}).status_code == 200  # loaded
+    log.write_text("")
+    with ThreadPoolExecutor(len(values) + 1) as pool:
+        first = pool.submit(server.post, "/v1/gathered/latest", {"data": [[0, -1]]})
+        deadline = time.monotonic() + 60
+        while _in_flight(server) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        behind = [pool.submit(server.post, "/v1/gathered/latest", b'{"data": [[%d, %d]]}' % (v, v))
+                  for v in values]
+        while _in_flight(server) < len(values) + 1:  # every one queued for the worker
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        gate.write_text("")
+        return first.result(), [f.result() for f in behind]
+
+
+def test_a_vectorized_worker_gathers_the_raw_bodies_queued_for_it(server: Server, project: Path) -> None:
+    values = list(range(1, 13))
+    first, answers = _behind_a_gate(server, project, values)
+    assert first.json() == {"data": [[0, [-2, 1]]]}
+    assert [a.json()["data"][0][0] for a in answers] == values
+    assert all(a.json()["data"][0][1][0] == 2 * v for a, v in zip(answers, values))
+    calls = [list(map(int, line.split())) for line in (project / "calls.log.vec").read_text().splitlines()]
+    assert sorted(v for call in calls for v in call) == [-1, *values]  # each row once
+    sizes = sorted(len(call) for call in calls[1:])
+    assert sizes == [4, 8]  # twelve single-row requests, up to max_batch_rows=8 a call
+    assert sorted(a.json()["data"][0][1][1] for a in answers) == [4] * 4 + [8] * 8
+
+
+def test_a_crash_in_a_gathered_call_fails_the_requests_it_held_and_no_other(
+        server: Server, project: Path) -> None:
+    values = [1, 2, 3, 999, 5, 6, 7, 8, 9, 10, 11, 12]
+    _, answers = _behind_a_gate(server, project, values)
+    ok = [v for v, a in zip(values, answers) if a.status_code == 200]
+    failed = [(v, a) for v, a in zip(values, answers) if a.status_code != 200]
+    assert len(failed) == 8 and 999 in [v for v, _ in failed]  # the first call: 8 requests
+    for _, answer in failed:
+        assert answer.status_code == 422 and "crashed" in answer.json()["error"]
+        assert "micro-batch" in answer.json()["error"] and "exited with code 3" in answer.json()["error"]
+    ran = [int(v) for line in (project / "calls.log.vec").read_text().splitlines() for v in line.split()]
+    assert sorted(ran) == sorted([-1, *ok])  # what failed never ran again; the rest ran once
+    assert len(ok) == 4
+    assert server.post("/v1/gathered/latest", {"data": [[1, 21]]}).json() == {"data": [[1, [42, 1]]]}

@@ -321,3 +321,35 @@ def test_a_raw_body_is_answered_as_its_parsed_call_and_refusals_are_named() -> N
     assert calls.body((b"not json", None))[:2] == (None, "BadRequest")
     refused = calls.body((b'{"data": [[1, 1], [2, 2], [3, 3]]}', 2))
     assert refused[:2] == (None, "PayloadTooLarge") and "server.max_rows" in refused[2]
+
+
+def test_a_worker_gathers_raw_bodies_in_order_and_announces_each_call_of_several() -> None:
+    from framework.execute.calls import Calls
+    from framework.execute.gathering import Gatherer, gathers_raw
+
+    sizes: list[int] = []
+
+    def double(x: list[int]) -> list[int]:
+        sizes.append(len(x))
+        return [2 * v for v in x]
+
+    never = float("inf")
+    items = [("body", (b'{"data": [[1, 1], [2, 2]]}', None), never),
+             ("body", (b'{"data": 5}', None), never),
+             ("body", (b'{"data": [[1, 1], [2, 2], [3, 3], [4, 4], [5, 5], [6, 6]]}', None), never),
+             ("body", (b'{"data": [[1, 1}', None), never),  # refused: answered in its place
+             ("body", (b'{"data": [[9, 9]]}', None), 0.0),  # expired: never run
+             ("vector", [[1, 3]], never),  # a call of its own, after all before it
+             ("body", (b'{"data": [[1, 7]]}', None), never),
+             ("body", (b'{"data": [[1, 8]], "x": 1}', 2), never)]
+    out: list[tuple] = []
+    Gatherer(Calls(double, "double"), 4).run(items, out.append, lambda *item: ("own", item[0]))
+    kinds = [m[0] if m[0] != "done" else ("refused" if m[2][0] is None else m[2][0][0]) for m in out]
+    assert kinds == ["group", 200, 200, 200, "refused", "expired", "own", "group", 200, 200]
+    assert out[0] == ("group", 2) and out[7] == ("group", 2)
+    assert out[3][2][0][1] == b'{"data":[[1,2],[2,4],[3,6],[4,8],[5,10],[6,12]]}'
+    assert out[2][2] == ((200, b'{"data":10}', 0), False, 1)
+    assert sizes == [3, 4, 2, 2]  # whole requests up to 4 rows; the 6-row one in chunks
+    assert gathers_raw({"vectorized": True, "max_wait_ms": 0, "max_batch_rows": 4})
+    assert not gathers_raw({"vectorized": True, "max_wait_ms": 2, "max_batch_rows": 4})
+    assert not gathers_raw({"vectorized": True, "max_wait_ms": 0, "concurrency": 2})

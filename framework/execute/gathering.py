@@ -1,0 +1,157 @@
+"""Micro-batching in a worker process, over requests that came as raw bodies.
+
+A vectorized version isolated in one worker process, with no wait for its
+calls to fill (`max_wait_ms=0`), gets its plain requests' raw bodies, as any
+isolated version does (`framework.execute.isolation`). The requests that
+queued while a call ran reach the worker in one message; here they are
+gathered into calls as `framework.execute.batching` gathers them in the
+server: whole requests, in the order they came, up to `max_batch_rows` rows
+a call, a larger request in chunks of that size.
+
+Before a call that holds more than one request runs, the worker says so
+with `("group", n)`: the server then knows which requests the call holds,
+so a crash or a time limit fails all of them and no other, and none of them
+is ever sent again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from typing import Any, Callable
+
+from framework.errors import BadRequest, PayloadTooLarge
+from framework.execute.calls import (
+    Calls,
+    merge_unbound,
+    vector_answer,
+    vector_rows,
+    vector_rows_of,
+)
+from framework.protocol import Call, parse
+
+Send = Callable[[tuple[Any, ...]], None]
+
+
+def gathers_raw(options: dict[str, Any]) -> bool:
+    """Whether a vectorized version's worker gathers raw bodies itself (one worker, no wait);
+    with a wait, or several workers, the server's `Batcher` gathers parsed rows."""
+    return (bool(options.get("vectorized")) and options.get("max_wait_ms") == 0
+            and options.get("concurrency", 1) == 1)
+
+
+class _Request:
+    """One request of a message: its answer once ready, or its rows still to run."""
+
+    __slots__ = ("ready", "call", "n", "unbound", "results", "failed", "left")
+
+    def __init__(self, ready: tuple[Any, ...] | None = None) -> None:
+        self.ready = ready  # the message that answers it, once known
+        self.call: Call | None = None
+        self.n = 0
+        self.unbound: dict[int, str] = {}
+        self.results: list[Any] = []
+        self.failed: dict[int, str] = {}
+        self.left = 0  # its chunks not run yet
+
+
+class Gatherer:
+    def __init__(self, calls: Calls, max_rows: int) -> None:
+        self.calls = calls
+        self.max_rows = max_rows
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(calls.fn)
+        except (TypeError, ValueError):
+            self.signature = None
+
+    def run(self, items: list[tuple[str, Any, float]], send: Send,
+            one: Callable[[str, Any, float], tuple[Any, ...]]) -> None:
+        """Answer every `(kind, arg, deadline)` of a message, in order, through `send`;
+        `one` answers a call that is not a raw body."""
+        waiting: deque[_Request] = deque()  # unanswered, in the message's order
+        jobs: deque[tuple[_Request, list[list[Any]]]] = deque()  # chunks still to run
+        queued = 0  # rows in `jobs`
+        for kind, arg, deadline in items:
+            if kind != "body":  # a call of its own: after everything before it
+                queued = self._drain(jobs, waiting, send, queued)
+                send(one(kind, arg, deadline))
+                continue
+            request = self._prepare(arg, deadline)
+            waiting.append(request)
+            if request.ready is None:
+                good, m = request.results, self.max_rows  # its bound rows, until now
+                request.results = []
+                chunks = [good[i:i + m] for i in range(0, len(good), m)]
+                request.left = len(chunks)
+                jobs.extend((request, chunk) for chunk in chunks)
+                queued += len(good)
+            # A call is formed once its rows are known to be all it can take.
+            queued = self._drain(jobs, waiting, send, queued, keep=self.max_rows)
+        self._drain(jobs, waiting, send, queued)
+
+    def _prepare(self, arg: tuple[bytes, int | None], deadline: float) -> _Request:
+        if time.monotonic() >= deadline:  # its caller has given up: never started
+            return _Request(("expired",))
+        body, max_rows = arg
+        try:
+            call = parse(body, max_rows)
+        except (BadRequest, PayloadTooLarge) as exc:  # the server answers them as its own
+            return _Request(("done", True, (None, type(exc).__name__, str(exc))))
+        rows = vector_rows_of(self.calls.binder, call)
+        request = _Request()
+        request.call = call
+        request.n = len(rows)
+        good, request.unbound = vector_rows(self.calls.binder, self.signature, self.calls.label, rows)
+        request.results = good  # until it is split into chunks
+        if not good:  # no row fits the function: answered without a call
+            self._finish(request)
+        return request
+
+    def _drain(self, jobs: deque[tuple[_Request, list[list[Any]]]], waiting: deque[_Request],
+               send: Send, queued: int, keep: int | None = None) -> int:
+        """Run calls while at least `keep` rows are queued (all of them, with None); returns
+        the rows still queued. Answers what is ready at the front of `waiting`."""
+        self._answer(waiting, send)
+        while jobs and (keep is None or queued >= keep):
+            taken: list[tuple[_Request, list[list[Any]]]] = []
+            rows = 0
+            while jobs and (not taken or rows + len(jobs[0][1]) <= self.max_rows):
+                taken.append(jobs.popleft())
+                rows += len(taken[-1][1])
+            queued -= rows
+            self._call(taken, send)
+            self._answer(waiting, send)
+        return queued
+
+    def _call(self, taken: list[tuple[_Request, list[list[Any]]]], send: Send) -> None:
+        held = list(dict.fromkeys(request for request, _ in taken))
+        if len(held) > 1:
+            send(("group", len(held)))
+        rows = taken[0][1] if len(taken) == 1 else [r for _, chunk in taken for r in chunk]
+        ok, value = self.calls.vector(rows)
+        start = 0
+        for request, chunk in taken:
+            n = len(chunk)
+            if ok:
+                request.results.extend(value[start:start + n])
+            else:
+                at = len(request.results)
+                request.failed.update(dict.fromkeys(range(at, at + n), value))
+                request.results.extend([None] * n)
+            start += n
+            request.left -= 1
+            if request.left == 0:
+                self._finish(request)
+
+    def _finish(self, request: _Request) -> None:
+        assert request.call is not None
+        results, failed = merge_unbound(request.n, request.unbound, request.results, request.failed)
+        call = request.call
+        answer = vector_answer(call, results, failed)
+        request.ready = ("done", True, (answer, call.batch, len(call.ids) if call.batch else 1))
+
+    @staticmethod
+    def _answer(waiting: deque[_Request], send: Send) -> None:
+        while waiting and waiting[0].ready is not None:
+            send(waiting.popleft().ready)
