@@ -169,6 +169,13 @@ def columns(rows: list[list[Any]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows)][1:]
 
 
+def signature_of(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
 def vector_rows(binder: Binder, signature: inspect.Signature | None, label: str,
                 rows: list[list[Any]]) -> tuple[list[list[Any]], dict[int, str]]:
     """Rows as `[id, *every positional argument]` of a vectorized function, and the errors

@@ -16,7 +16,6 @@ is ever sent again.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import deque
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from framework.errors import BadRequest, PayloadTooLarge
 from framework.execute.calls import (
     Calls,
     merge_unbound,
+    signature_of,
     vector_answer,
     vector_rows,
     vector_rows_of,
@@ -60,10 +60,7 @@ class Gatherer:
     def __init__(self, calls: Calls, max_rows: int) -> None:
         self.calls = calls
         self.max_rows = max_rows
-        try:
-            self.signature: inspect.Signature | None = inspect.signature(calls.fn)
-        except (TypeError, ValueError):
-            self.signature = None
+        self.signature = signature_of(calls.fn)
 
     def run(self, items: list[tuple[str, Any, float]], send: Send,
             one: Callable[[str, Any, float], tuple[Any, ...]]) -> None:
@@ -77,11 +74,10 @@ class Gatherer:
                 queued = self._drain(jobs, waiting, send, queued)
                 send(one(kind, arg, deadline))
                 continue
-            request = self._prepare(arg, deadline)
+            request, good = self._prepare(arg, deadline)
             waiting.append(request)
             if request.ready is None:
-                good, m = request.results, self.max_rows  # its bound rows, until now
-                request.results = []
+                m = self.max_rows
                 chunks = [good[i:i + m] for i in range(0, len(good), m)]
                 request.left = len(chunks)
                 jobs.extend((request, chunk) for chunk in chunks)
@@ -90,23 +86,24 @@ class Gatherer:
             queued = self._drain(jobs, waiting, send, queued, keep=self.max_rows)
         self._drain(jobs, waiting, send, queued)
 
-    def _prepare(self, arg: tuple[bytes, int | None], deadline: float) -> _Request:
+    def _prepare(self, arg: tuple[bytes, int | None],
+                 deadline: float) -> tuple[_Request, list[list[Any]]]:
+        """The request of a raw body, and its rows bound to the function."""
         if time.monotonic() >= deadline:  # its caller has given up: never started
-            return _Request(("expired",))
+            return _Request(("expired",)), []
         body, max_rows = arg
         try:
             call = parse(body, max_rows)
         except (BadRequest, PayloadTooLarge) as exc:  # the server answers them as its own
-            return _Request(("done", True, (None, type(exc).__name__, str(exc))))
+            return _Request(("done", True, (None, type(exc).__name__, str(exc)))), []
         rows = vector_rows_of(self.calls.binder, call)
         request = _Request()
         request.call = call
         request.n = len(rows)
         good, request.unbound = vector_rows(self.calls.binder, self.signature, self.calls.label, rows)
-        request.results = good  # until it is split into chunks
         if not good:  # no row fits the function: answered without a call
             self._finish(request)
-        return request
+        return request, good
 
     def _drain(self, jobs: deque[tuple[_Request, list[list[Any]]]], waiting: deque[_Request],
                send: Send, queued: int, keep: int | None = None) -> int:

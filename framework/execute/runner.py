@@ -29,6 +29,7 @@ from framework.execute.calls import (
     batch_answer,
     columns,
     merge_unbound,
+    signature_of,
     single_answer,
     vector_answer,
     vector_result,
@@ -90,7 +91,7 @@ class Runner:
         options = m.get("options") or {}
         self.inline = bool(options.get("inline")) and self.calls is not None and not is_async
         if fn is not None:
-            signature = _signature(fn)
+            signature = signature_of(fn)
         self.binder = Binder(fn if fn is not None else _stand_in(signature))
         self.batcher: Batcher | None = None
         if options.get("vectorized"):
@@ -235,9 +236,3 @@ class Runner:
         call.failed = len(extra)
         raise RowsFailed(value, [], extra)
 
-
-def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
