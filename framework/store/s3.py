@@ -133,10 +133,11 @@ class S3Store(Store):
         latest = self.latest(branch, name)
         if latest is not None and same(latest):
             return latest, False
-        return self._publish(branch, name, artifact, manifest, same)
+        return self._publish(branch, name, artifact, manifest, same, latest)
 
     def _publish(self, branch: str, name: str, artifact: bytes, manifest: dict[str, Any],
-                 same: Callable[[int], bool] | None) -> tuple[int, bool]:
+                 same: Callable[[int], bool] | None, seen: int | None = None) -> tuple[int, bool]:
+        """`seen`: the latest version `same` was already checked against, if any."""
         dep = self._dep(branch, name)
         self.objects.check_conditional()
         sha = hashlib.sha256(artifact).hexdigest()
@@ -146,7 +147,11 @@ class S3Store(Store):
         # Stored once: promote and rollback republish the same bytes and copy nothing.
         if not self.objects.exists(f"artifacts/{sha}"):
             self.objects.put(f"artifacts/{sha}", artifact, create=True)  # None: a racer stored the same bytes
-        version = self._refs(dep)[0].get("latest", 0) + 1
+        latest = self._refs(dep)[0].get("latest", 0)
+        # A racer with the same content may have published and moved `latest` meanwhile.
+        if same is not None and latest and latest != seen and same(latest):
+            return latest, False
+        version = latest + 1
         for _ in range(CLAIM_TRIES):
             body = self.sealed_manifest(artifact, manifest, branch, name, version)
             if self.objects.put(_manifest_key(dep, version), body, create=True) is not None:

@@ -150,6 +150,28 @@ def test_identical_deploys_racing_on_s3_publish_one_version(s3: Store) -> None:
     assert s3.versions("main", "m") == [1, 2] and s3.latest("main", "m") == 2
 
 
+def test_an_identical_deploy_that_finishes_first_on_s3_leaves_the_slower_one_nothing_to_publish(
+        s3: Store) -> None:
+    """The slower deploy saw the old latest; the faster one published and moved `latest`
+    before the slower one read where to claim: it must find its content there, not claim
+    the version after it."""
+    s3.publish("main", "m", *art("old"))
+    data, manifest = art("new")
+    slower = open_store_like(s3)
+
+    def same(v: int) -> bool:
+        return s3.read_artifact("main", "m", v) == data
+
+    def latest(branch: str, name: str) -> int | None:
+        found = type(slower).latest(slower, branch, name)
+        assert open_store_like(s3).publish_changed("main", "m", data, manifest, same) == (2, True)
+        return found
+
+    slower.latest = latest  # type: ignore[method-assign]
+    assert slower.publish_changed("main", "m", data, manifest, same) == (2, False)
+    assert s3.versions("main", "m") == [1, 2] and s3.latest("main", "m") == 2
+
+
 def test_moto_honours_conditional_writes_and_conditional_gets(moto: MotoServer) -> None:
     """What the S3 store relies on, checked on the server itself."""
     from botocore.exceptions import ClientError
