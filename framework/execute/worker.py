@@ -23,9 +23,10 @@ packages). The protocol is pickled messages framed by
 3. The parent closing the child's stdin ends it.
 
 So the parent always knows which call is running: the first one of the
-message it sent without an answer, with those a `group` names. A call past its deadline is stopped by
-killing the child, a crash fails only that call, and the calls behind it,
-which never started, are sent to the next worker.
+message it sent without an answer, with those a `group` names. A call past
+its deadline is stopped by killing the child, a crash fails only the
+requests the running call held, and the calls behind them, which never
+started, are sent to the next worker.
 """
 
 from __future__ import annotations
