@@ -453,11 +453,13 @@ def test_a_crash_in_a_gathered_call_fails_the_requests_it_held_and_no_other(
     _, answers = _behind_a_gate(server, project, values)
     ok = [v for v, a in zip(values, answers) if a.status_code == 200]
     failed = [(v, a) for v, a in zip(values, answers) if a.status_code != 200]
-    assert len(failed) == 8 and 999 in [v for v, _ in failed]  # the first call: 8 requests
+    # The requests arrive in any order, so 999 is in the call of 8 or in the call of 4.
+    assert 999 in [v for v, _ in failed] and len(failed) in (8, 4)
     for _, answer in failed:
         assert answer.status_code == 422 and "crashed" in answer.json()["error"]
         assert "micro-batch" in answer.json()["error"] and "exited with code 3" in answer.json()["error"]
     ran = [int(v) for line in (project / "calls.log.vec").read_text().splitlines() for v in line.split()]
     assert sorted(ran) == sorted([-1, *ok])  # what failed never ran again; the rest ran once
-    assert len(ok) == 4
+    assert len(ok) == 12 - len(failed)
+    assert all(a.json()["data"][0][1][1] == len(ok) for v, a in zip(values, answers) if v in ok)  # one call
     assert server.post("/v1/gathered/latest", {"data": [[1, 21]]}).json() == {"data": [[1, [42, 1]]]}
