@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 log = logging.getLogger("framework.runtime")
+T = TypeVar("T")
 
 Outcome = tuple[bool, Any]  # (True, result) or (False, "ValueError: ...")
 # Runs one call over rows `[id, *args]`: (True, one result per row) or (False, error).
@@ -45,8 +46,7 @@ class Batcher:
         """Run `rows` in the next calls: results in row order (None where a row
         failed), and the failed rows' errors by index."""
         loop = asyncio.get_running_loop()
-        jobs = [_Job(rows[i:i + self.max_rows], loop.create_future())
-                for i in range(0, len(rows), self.max_rows)]
+        jobs = [_Job(chunk, loop.create_future()) for chunk in chunked(rows, self.max_rows)]
         self._queue.extend(jobs)
         self._queued_rows += len(rows)
         if self._full is not None and not self._full.done() and self._queued_rows >= self.max_rows:
@@ -89,26 +89,53 @@ class Batcher:
                             job.future.set_exception(exc)
 
     def _take(self) -> list[_Job]:
-        """Queued requests, whole, up to max_rows rows (always at least one)."""
-        jobs: list[_Job] = []
-        rows = 0
-        while self._queue and (not jobs or rows + len(self._queue[0].rows) <= self.max_rows):
-            job = self._queue.popleft()
-            self._queued_rows -= len(job.rows)
-            if not job.future.done():
-                jobs.append(job)
-                rows += len(job.rows)
+        jobs, popped = take(self._queue, self.max_rows, lambda job: len(job.rows),
+                            lambda job: not job.future.done())
+        self._queued_rows -= popped
         return jobs
 
     async def _run(self, jobs: list[_Job]) -> None:
-        rows = jobs[0].rows if len(jobs) == 1 else [r for job in jobs for r in job.rows]
-        ok, value = await self.call(rows)
-        start = 0
-        for job in jobs:
-            n = len(job.rows)
+        chunks = [job.rows for job in jobs]
+        ok, value = await self.call(joined(chunks))
+        for job, share in zip(jobs, shares(chunks, ok, value)):
             if not job.future.done():
-                job.future.set_result((True, value[start:start + n]) if ok else (False, value))
-            start += n
+                job.future.set_result(share)
+
+
+# How a call is formed and its outcome shared, here and in a worker (`framework.execute.gathering`).
+
+def chunked(rows: list[T], max_rows: int) -> list[list[T]]:
+    """A request's rows in chunks of at most `max_rows`, each run whole by one call."""
+    return [rows[i:i + max_rows] for i in range(0, len(rows), max_rows)]
+
+
+def take(queue: deque[T], max_rows: int, size: Callable[[T], int],
+         live: Callable[[T], bool] = lambda _: True) -> tuple[list[T], int]:
+    """The front of `queue`, whole, up to `max_rows` rows (always at least one): the live
+    items taken, and the rows of all it popped. Items no longer live are dropped unrun."""
+    taken: list[T] = []
+    rows = popped = 0
+    while queue and (not taken or rows + size(queue[0]) <= max_rows):
+        item = queue.popleft()
+        popped += size(item)
+        if live(item):
+            taken.append(item)
+            rows += size(item)
+    return taken, popped
+
+
+def joined(chunks: list[list[Any]]) -> list[Any]:
+    """The rows of one call over `chunks`."""
+    return chunks[0] if len(chunks) == 1 else [row for chunk in chunks for row in chunk]
+
+
+def shares(chunks: list[list[Any]], ok: bool, value: Any) -> Iterator[Outcome]:
+    """Each chunk's outcome of the call over `joined(chunks)`: its own results, or the
+    call's error for all of them."""
+    start = 0
+    for chunk in chunks:
+        yield (True, value[start:start + len(chunk)]) if ok else (False, value)
+        start += len(chunk)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -21,6 +21,7 @@ from collections import deque
 from typing import Any, Callable
 
 from framework.errors import BadRequest, PayloadTooLarge
+from framework.execute.batching import chunked, joined, shares, take
 from framework.execute.calls import (
     Calls,
     merge_unbound,
@@ -77,8 +78,7 @@ class Gatherer:
             request, good = self._prepare(arg, deadline)
             waiting.append(request)
             if request.ready is None:
-                m = self.max_rows
-                chunks = [good[i:i + m] for i in range(0, len(good), m)]
+                chunks = chunked(good, self.max_rows)
                 request.left = len(chunks)
                 jobs.extend((request, chunk) for chunk in chunks)
                 queued += len(good)
@@ -111,11 +111,7 @@ class Gatherer:
         the rows still queued. Answers what is ready at the front of `waiting`."""
         self._answer(waiting, send)
         while jobs and (keep is None or queued >= keep):
-            taken: list[tuple[_Request, list[list[Any]]]] = []
-            rows = 0
-            while jobs and (not taken or rows + len(jobs[0][1]) <= self.max_rows):
-                taken.append(jobs.popleft())
-                rows += len(taken[-1][1])
+            taken, rows = take(jobs, self.max_rows, lambda job: len(job[1]))
             queued -= rows
             self._call(taken, send)
             self._answer(waiting, send)
@@ -125,18 +121,14 @@ class Gatherer:
         held = list(dict.fromkeys(request for request, _ in taken))
         if len(held) > 1:
             send(("group", len(held)))
-        rows = taken[0][1] if len(taken) == 1 else [r for _, chunk in taken for r in chunk]
-        ok, value = self.calls.vector(rows)
-        start = 0
-        for request, chunk in taken:
-            n = len(chunk)
-            if ok:
-                request.results.extend(value[start:start + n])
-            else:
+        chunks = [chunk for _, chunk in taken]
+        ok, value = self.calls.vector(joined(chunks))
+        for (request, chunk), (done, share) in zip(taken, shares(chunks, ok, value)):
+            if not done:
                 at = len(request.results)
-                request.failed.update(dict.fromkeys(range(at, at + n), value))
-                request.results.extend([None] * n)
-            start += n
+                request.failed.update(dict.fromkeys(range(at, at + len(chunk)), share))
+                share = [None] * len(chunk)
+            request.results.extend(share)
             request.left -= 1
             if request.left == 0:
                 self._finish(request)
