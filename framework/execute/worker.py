@@ -78,17 +78,16 @@ def _load(conn_out: Connection, artifact: bytes, manifest: dict[str, Any]) -> An
         conn_out.send(("error", "load", error_text(exc)))
         return None
     label = f"{manifest['name']} v{manifest['version']} ({manifest['branch']})"
-    fn = loaded.fn
-    if inspect.iscoroutinefunction(fn):  # here, each call gets an event loop of its own
-        import asyncio
-        import functools
+    if inspect.iscoroutinefunction(loaded.fn):  # awaited here, on a loop of the worker's own
+        from framework.execute.async_calls import AsyncCalls
 
-        original = fn
-        fn = functools.wraps(original)(lambda *a, **k: asyncio.run(original(*a, **k)))
+        calls = AsyncCalls(loaded.fn, label)
+    else:
+        calls = Calls(loaded.fn, label)
     conn_out.send(("ready", shape(loaded.fn), False))
     gc.freeze()  # the modules and the loaded version are never garbage: not walked again
     gc.set_threshold(GC_YOUNGEST, *gc.get_threshold()[1:])
-    return Calls(fn, label)
+    return calls
 
 
 def main() -> int:

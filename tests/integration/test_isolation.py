@@ -134,6 +134,41 @@ async def _echo_async(x, y=0):
 
 echo_async_process = deployment(name="echo_async_process", isolation="process")(_echo_async)
 echo_async_thread = deployment(name="echo_async_thread")(_echo_async)
+
+_arrived = {}
+
+
+async def _together(token, n):
+    """A batch's rows wait for each other (5 s at most): together only if they run at once."""
+    import asyncio
+
+    _arrived[token] = _arrived.get(token, 0) + 1
+    for _ in range(500):
+        if _arrived[token] >= n:
+            return "together"
+        await asyncio.sleep(0.01)
+    return "alone"
+
+
+together_process = deployment(name="together_process", isolation="process")(_together)
+together_thread = deployment(name="together_thread")(_together)
+
+_first = None
+
+
+async def _remembers(x):
+    """Keeps a future made on its first call's loop: later calls await it on theirs."""
+    import asyncio
+
+    global _first
+    if _first is None:
+        _first = asyncio.get_running_loop().create_future()
+        _first.set_result(x)
+    return [await _first, x]
+
+
+remembers_process = deployment(name="remembers_process", isolation="process")(_remembers)
+remembers_thread = deployment(name="remembers_thread")(_remembers)
 '''
 
 
@@ -317,6 +352,16 @@ def test_a_body_parsed_in_the_worker_answers_as_on_a_thread(server: Server) -> N
             assert (process.status_code, process.json()) == (thread.status_code, thread.json()), \
                 (kind, body[:80])
             assert process.headers["content-type"] == "application/json"
+
+
+def test_an_async_deployment_runs_in_a_worker_as_on_the_event_loop(server: Server) -> None:
+    """A batch's rows run at once, each once, and the loop lasts from call to call."""
+    for mode in ("process", "thread"):
+        rows = [[i, f"{mode}-1", 20] for i in range(20)]
+        answer = server.post(f"/v1/together_{mode}/latest", {"data": rows})
+        assert answer.json() == {"data": [[i, "together"] for i in range(20)]}, mode
+        assert server.post(f"/v1/remembers_{mode}/latest", {"data": 1}).json() == {"data": [1, 1]}
+        assert server.post(f"/v1/remembers_{mode}/latest", {"data": 2}).json() == {"data": [1, 2]}, mode
 
 
 def test_an_option_past_the_first_megabyte_of_a_body_is_still_read_by_the_server(server: Server) -> None:
