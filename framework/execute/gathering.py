@@ -123,8 +123,8 @@ class Gatherer:
             send(("group", len(held)))
         chunks = [chunk for _, chunk in taken]
         ok, value = self.calls.vector(joined(chunks))
-        for (request, chunk), (done, share) in zip(taken, shares(chunks, ok, value)):
-            if not done:
+        for (request, chunk), (_, share) in zip(taken, shares(chunks, ok, value)):
+            if not ok:  # `share` is the call's error
                 at = len(request.results)
                 request.failed.update(dict.fromkeys(range(at, at + len(chunk)), share))
                 share = [None] * len(chunk)
