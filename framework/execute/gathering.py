@@ -1,14 +1,16 @@
-"""Micro-batching in a worker process, over requests that came as raw bodies.
+"""Micro-batching where the calls run, over requests that came as raw bodies.
 
-A vectorized version isolated in one worker process, with no wait for its
-calls to fill (`max_wait_ms=0`), gets its plain requests' raw bodies, as any
-isolated version does (`framework.execute.isolation`). The requests that
-queued while a call ran reach the worker in one message; here they are
-gathered into calls as `framework.execute.batching` gathers them in the
-server: whole requests, in the order they came, up to `max_batch_rows` rows
-a call, a larger request in chunks of that size.
+A vectorized sync version with no wait for its calls to fill
+(`max_wait_ms=0`) and one thread (`concurrency=1`) or one worker process
+gets its plain requests' raw bodies, as any isolated version does
+(`framework.execute.isolation`). The requests that queued while a call ran
+reach its thread together (`framework.execute.threads.Lane`) or its worker
+in one message; here they are parsed and gathered into calls as
+`framework.execute.batching` gathers them on the event loop: whole requests,
+in the order they came, up to `max_batch_rows` rows a call, a larger request
+in chunks of that size. The event loop then neither parses nor gathers.
 
-Before a call that holds more than one request runs, the worker says so
+Before a call that holds more than one request runs, a worker says so
 with `("group", n)`: the server then knows which requests the call holds,
 so a crash or a time limit fails all of them and no other, and none of them
 is ever sent again.
@@ -36,8 +38,8 @@ Send = Callable[[tuple[Any, ...]], None]
 
 
 def gathers_raw(options: dict[str, Any]) -> bool:
-    """Whether a vectorized version's worker gathers raw bodies itself (one worker, no wait);
-    with a wait, or several workers, the server's `Batcher` gathers parsed rows."""
+    """Whether a vectorized version's thread or worker gathers raw bodies itself (one of
+    them, no wait); with a wait, or several, the server's `Batcher` gathers parsed rows."""
     return (bool(options.get("vectorized")) and options.get("max_wait_ms") == 0
             and options.get("concurrency", 1) == 1)
 

@@ -9,7 +9,9 @@
   in the version's worker processes (`framework.execute.isolation`).
 - Vectorized functions (`@deployment(vectorized=True)`) get every row of a
   call at once, one list per parameter; concurrent requests are gathered into
-  such calls by `framework.execute.batching.Batcher`.
+  such calls by `framework.execute.batching.Batcher` on the event loop or,
+  with no wait and one thread or worker, where the calls run
+  (`framework.execute.gathering`), from their raw bodies.
 
 A call runs at most once: nothing here runs one again.
 """
@@ -36,7 +38,7 @@ from framework.execute.calls import (
     vector_rows,
     vector_rows_of,
 )
-from framework.execute.gathering import gathers_raw
+from framework.execute.gathering import Gatherer, gathers_raw
 from framework.errors import BadRequest, CallTimeout, DeploymentFailed, PayloadTooLarge, RowsFailed
 from framework.protocol import Binder, Call
 from framework.execute.threads import Lane
@@ -84,12 +86,16 @@ class Runner:
         self.fn = fn
         self.is_async = is_async
         self.calls = Calls(fn, self.label) if fn is not None else None
-        if executor is None:
-            assert self.calls is not None, "a Runner needs a function or an executor"
-            executor = Lane(concurrency, f"{m['name']}-v{m['version']}", self.calls)
-        self.executor = executor
         options = m.get("options") or {}
         self.inline = bool(options.get("inline")) and self.calls is not None and not is_async
+        # A vectorized sync version with no wait and one thread or worker gathers its raw
+        # bodies where it runs: the loop then neither parses them nor forms the calls.
+        gathers = gathers_raw(options) and not self.inline and not is_async
+        if executor is None:
+            assert self.calls is not None, "a Runner needs a function or an executor"
+            gatherer = Gatherer(self.calls, options["max_batch_rows"]) if gathers else None
+            executor = Lane(concurrency, f"{m['name']}-v{m['version']}", self.calls, gatherer)
+        self.executor = executor
         if fn is not None:
             signature = signature_of(fn)
         self.binder = Binder(fn if fn is not None else _stand_in(signature))
@@ -100,8 +106,7 @@ class Runner:
                                    max_wait=options["max_wait_ms"] / 1000)
         # A function in another process parses the bodies of its plain requests itself:
         # pickling the parsed rows to it, and unpickling them there, cost more than parsing.
-        # A vectorized one's worker then gathers them into calls, where it can.
-        self.parses_bodies = fn is None and (self.batcher is None or gathers_raw(options))
+        self.parses_bodies = gathers or (fn is None and self.batcher is None)
         # `inline=True` and not vectorized: the whole request, here on the event loop.
         self._on_loop = self.calls.answer if self.inline and self.batcher is None else None
 

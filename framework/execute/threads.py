@@ -9,6 +9,12 @@ loop. That keeps concurrency 1 fast under many connections: the calls that
 queued while one ran are taken in turn by the same thread, with no thread
 switch and one loop wake-up for all of them.
 
+A lane given a `Gatherer` (a vectorized version with no wait, one thread)
+takes every call queued when its thread comes for one, raw bodies mostly,
+and lets the gatherer parse them and form micro-batches on the thread, as a
+worker process does (`framework.execute.gathering`): the event loop then
+only reads bodies and writes answers.
+
 A call whose caller gave up (time limit, disconnect) before it started is
 never run. Threads left idle for `IDLE_EXIT_S` exit; a closed lane's threads
 exit as soon as its queue is empty, which is how an evicted version gives
@@ -22,10 +28,17 @@ import threading
 import time
 from collections import deque
 from queue import Empty, SimpleQueue
-from typing import Any
+from typing import Any, Callable, Protocol
 
 IDLE_EXIT_S = 30.0
 CLOSED_IDLE_S = 0.05
+
+
+class Gathers(Protocol):
+    """`framework.execute.gathering.Gatherer`, as a lane calls it."""
+
+    def run(self, items: Any, send: Callable[[tuple[Any, ...]], None],
+            one: Callable[[str, Any, float], tuple[Any, ...]]) -> None: ...
 
 
 class _Handoff:
@@ -80,11 +93,12 @@ class Answers:
 class Lane(Answers):
     """Runs `getattr(target, kind)(arg)` on up to `size` threads of its own."""
 
-    def __init__(self, size: int, name: str, target: Any) -> None:
+    def __init__(self, size: int, name: str, target: Any, gatherer: Gathers | None = None) -> None:
         super().__init__()
         self.size = size
         self.name = name
         self.target = target
+        self.gatherer = gatherer
         self.closed = False
         self._calls: SimpleQueue[_Handoff | None] = SimpleQueue()
         self._queued = 0  # calls in the queue (not the wake-ups of close())
@@ -165,18 +179,67 @@ class Lane(Answers):
                 number = self._reserve()
             if number:
                 self._start(number)
-            self._run(handoff)
+            if self.gatherer is None:
+                self._run(handoff)
+            else:
+                self._gather([handoff, *self._more()])
             with self._lock:
                 self._idle += 1
+
+    def _more(self) -> list[_Handoff]:
+        """Every call queued behind the one taken, up to a wake-up of close()."""
+        more: list[_Handoff] = []
+        while True:
+            try:
+                handoff = self._calls.get_nowait()
+            except Empty:
+                return more
+            if handoff is None:  # close(): left for the loop in _work to see
+                self._calls.put(None)
+                return more
+            with self._lock:
+                self._queued -= 1
+            more.append(handoff)
+
+    def _gather(self, taken: list[_Handoff]) -> None:
+        """`taken` through the gatherer, which answers them in order (`worker` messages)."""
+        pending = iter(taken)
+
+        def send(message: tuple[Any, ...]) -> None:
+            if message[0] == "group":  # which calls one micro-batch holds: a worker's concern
+                return
+            handoff = next(pending)
+            if message[0] == "done":  # else "expired": its caller has given up
+                _, handoff.ok, handoff.value = message
+                self._answer(handoff)
+
+        def one(kind: str, arg: Any, deadline: float) -> tuple[Any, ...]:
+            if time.monotonic() >= deadline:
+                return ("expired",)
+            return ("done", *self._call(kind, arg))
+
+        # Read as the gatherer reaches each one: a caller may give up meanwhile.
+        items = ((h.kind, h.arg, -1.0 if h.future.cancelled() else h.deadline) for h in taken)
+        try:
+            self.gatherer.run(items, send, one)  # type: ignore[union-attr]
+        except BaseException as exc:  # noqa: BLE001 - ours, not the user's: fail what waits, once
+            for handoff in pending:
+                handoff.value = exc
+                self._answer(handoff)
 
     def _run(self, handoff: _Handoff) -> None:
         if handoff.future.cancelled() or time.monotonic() >= handoff.deadline:
             return  # its caller has given up, or will have by the time it could answer
-        try:
-            handoff.value, handoff.ok = getattr(self.target, handoff.kind)(handoff.arg), True
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises
-            handoff.value = exc
-            if isinstance(exc, StopIteration):  # asyncio refuses it as a future's exception
-                handoff.value = RuntimeError(f"{self.name} call raised StopIteration")
-                handoff.value.__cause__ = exc
+        handoff.ok, handoff.value = self._call(handoff.kind, handoff.arg)
         self._answer(handoff)
+
+    def _call(self, kind: str, arg: Any) -> tuple[bool, Any]:
+        """(True, `target.<kind>(arg)`), or (False, what it raised)."""
+        try:
+            return True, getattr(self.target, kind)(arg)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises
+            if isinstance(exc, StopIteration):  # asyncio refuses it as a future's exception
+                error = RuntimeError(f"{self.name} call raised StopIteration")
+                error.__cause__ = exc
+                return False, error
+            return False, exc

@@ -119,8 +119,9 @@ class Runtime:
         self.inflight += 1
         try:
             runner = self.versions.cached(branch, name, ref)
-            # Options are the server's to read: a body naming none goes raw to a worker that
-            # parses bodies, whatever its size. A large one is scanned a piece at a time.
+            # Options are the server's to read: a body naming none goes raw to a version that
+            # parses bodies where it runs, whatever its size. A large one is scanned a piece
+            # at a time.
             raw = runner is not None and runner.parses_bodies
             if raw and len(body) > protocol.LARGE_BODY:
                 raw = await bigbody.only_data(body)
@@ -128,7 +129,7 @@ class Runtime:
                 raw = raw and runner is not None and runner.parses_bodies
             elif raw:
                 raw = protocol.only_data(body)
-            if raw:  # parsed, run and encoded in its worker
+            if raw:  # parsed, run and encoded on its thread or in its worker
                 assert runner is not None
                 call = protocol.Call(False, None, [], [], False, None)
                 scope[SCOPE_CALL] = (runner, call)

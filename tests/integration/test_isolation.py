@@ -89,17 +89,26 @@ def isolated_vector(x):
     return [2 * v for v in x]
 
 
-@deployment(isolation="process", vectorized=True, max_batch_rows=8)
-def gathered(x):
-    """Waits for the test's gate on a row of -1; exits on 999; logs each call's rows."""
+def _gathered(x):
+    """Waits for the test's gate (60 s at most) on a row of -1; exits on 999, raises on 998;
+    logs each call's rows."""
     if -1 in x:
-        while not os.path.exists(LOG + ".gate"):
+        for _ in range(6000):
+            if os.path.exists(LOG + ".gate"):
+                break
             time.sleep(0.01)
     if 999 in x:
         os._exit(3)
+    if 998 in x:
+        raise ValueError(f"998 among {len(x)} rows")
     with open(LOG + ".vec", "a") as f:
         f.write(" ".join(map(str, x)) + "\\n")
     return [[2 * v, len(x)] for v in x]
+
+
+# One function in both modes: a worker's and a thread's raw bodies are gathered alike.
+gathered = deployment(name="gathered", isolation="process", vectorized=True, max_batch_rows=8)(_gathered)
+gathered_thread = deployment(name="gathered_thread", vectorized=True, max_batch_rows=8)(_gathered)
 
 
 @deployment(isolation="process")
@@ -126,6 +135,8 @@ def _vector_echo(x, y=0):
 
 vector_process = deployment(name="vector_process", isolation="process", vectorized=True)(_vector_echo)
 vector_thread = deployment(name="vector_thread", vectorized=True)(_vector_echo)
+# With a wait, the event loop parses the rows and gathers the calls: the third way, and the first.
+vector_waits = deployment(name="vector_waits", vectorized=True, max_wait_ms=1)(_vector_echo)
 
 
 async def _echo_async(x, y=0):
@@ -352,6 +363,9 @@ def test_a_body_parsed_in_the_worker_answers_as_on_a_thread(server: Server) -> N
             assert (process.status_code, process.json()) == (thread.status_code, thread.json()), \
                 (kind, body[:80])
             assert process.headers["content-type"] == "application/json"
+            if kind == "vector":
+                waits = server.post("/v1/vector_waits/latest", body)
+                assert (waits.status_code, waits.json()) == (thread.status_code, thread.json()), body[:80]
 
 
 def test_an_async_deployment_runs_in_a_worker_as_on_the_event_loop(server: Server) -> None:
@@ -457,21 +471,22 @@ def _in_flight(server: Server) -> float:
     raise AssertionError("no framework_requests_in_flight in /metrics")
 
 
-def _behind_a_gate(server: Server, project: Path, values: list[int]) -> tuple[httpx.Response, list[httpx.Response]]:
-    """Single-row requests of `values` to `gathered`, sent while its worker waits at a gate:
-    they reach it in one message."""
+def _behind_a_gate(server: Server, project: Path, values: list[int],
+                   name: str = "gathered") -> tuple[httpx.Response, list[httpx.Response]]:
+    """Single-row requests of `values` to `name`, sent while its call waits at a gate: they
+    reach its worker in one message, or its thread together."""
     log, gate = project / "calls.log.vec", project / "calls.log.gate"
     gate.unlink(missing_ok=True)
-    assert server.post("/v1/gathered/latest", {"data": [[0, 0]]}).status_code == 200  # loaded
+    path = f"/v1/{name}/latest"
+    assert server.post(path, {"data": [[0, 0]]}).status_code == 200  # loaded
     log.write_text("")
     with ThreadPoolExecutor(len(values) + 1) as pool:
-        first = pool.submit(server.post, "/v1/gathered/latest", {"data": [[0, -1]]})
+        first = pool.submit(server.post, path, {"data": [[0, -1]]})
         deadline = time.monotonic() + 60
         while _in_flight(server) < 1:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        behind = [pool.submit(server.post, "/v1/gathered/latest", b'{"data": [[%d, %d]]}' % (v, v))
-                  for v in values]
+        behind = [pool.submit(server.post, path, b'{"data": [[%d, %d]]}' % (v, v)) for v in values]
         while _in_flight(server) < len(values) + 1:  # every one queued for the worker
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -479,17 +494,63 @@ def _behind_a_gate(server: Server, project: Path, values: list[int]) -> tuple[ht
         return first.result(), [f.result() for f in behind]
 
 
-def test_a_vectorized_worker_gathers_the_raw_bodies_queued_for_it(server: Server, project: Path) -> None:
+def _calls(project: Path) -> list[list[int]]:
+    """The rows of each call `_gathered` logged."""
+    return [list(map(int, line.split())) for line in (project / "calls.log.vec").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["gathered", "gathered_thread"])
+def test_a_vectorized_version_gathers_the_raw_bodies_queued_for_it(
+        server: Server, project: Path, name: str) -> None:
     values = list(range(1, 13))
-    first, answers = _behind_a_gate(server, project, values)
+    first, answers = _behind_a_gate(server, project, values, name)
     assert first.json() == {"data": [[0, [-2, 1]]]}
     assert [a.json()["data"][0][0] for a in answers] == values
     assert all(a.json()["data"][0][1][0] == 2 * v for a, v in zip(answers, values))
-    calls = [list(map(int, line.split())) for line in (project / "calls.log.vec").read_text().splitlines()]
+    calls = _calls(project)
     assert sorted(v for call in calls for v in call) == [-1, *values]  # each row once
     sizes = sorted(len(call) for call in calls[1:])
     assert sizes == [4, 8]  # twelve single-row requests, up to max_batch_rows=8 a call
     assert sorted(a.json()["data"][0][1][1] for a in answers) == [4] * 4 + [8] * 8
+
+
+def test_a_failed_call_gathered_on_a_thread_fails_the_requests_it_held_and_no_other(
+        server: Server, project: Path) -> None:
+    values = [1, 2, 3, 998, 5, 6, 7, 8, 9, 10, 11, 12]
+    _, answers = _behind_a_gate(server, project, values, "gathered_thread")
+    ok = [v for v, a in zip(values, answers) if a.status_code == 200]
+    failed = [a for a in answers if a.status_code != 200]
+    assert 998 not in ok and len(failed) in (8, 4)  # in the call of 8 or in the call of 4
+    for answer in failed:
+        assert answer.status_code == 422 and "ValueError: 998 among" in answer.json()["error"]
+    ran = [v for call in _calls(project) for v in call]
+    assert sorted(ran) == sorted([-1, *ok])  # what failed never ran again; the rest ran once
+    assert all(a.json()["data"][0][1][1] == len(ok) for a in answers if a.status_code == 200)
+
+
+def test_a_raw_body_that_times_out_queued_on_a_gathering_thread_never_runs(
+        short_server: Server, project: Path) -> None:
+    log, gate = project / "calls.log.vec", project / "calls.log.gate"
+    gate.unlink(missing_ok=True)
+    path = "/v1/gathered_thread/latest"
+    deadline = time.monotonic() + 60  # loading counts against the 6 s limit: retried
+    while (loaded := short_server.post(path, b'{"data": [[0, 0]]}')).status_code != 200:
+        assert loaded.status_code == 504 and time.monotonic() < deadline, loaded.text
+    log.write_text("")
+    with ThreadPoolExecutor(4) as pool:
+        stuck = pool.submit(short_server.post, path, b'{"data": [[0, -1]]}')
+        while _in_flight(short_server) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        behind = [pool.submit(short_server.post, path, b'{"data": [[%d, %d]]}' % (v, v)) for v in (1, 2, 3)]
+        answers = [stuck.result(), *(f.result() for f in behind)]
+    assert [a.status_code for a in answers] == [504] * 4, [a.text for a in answers]
+    gate.write_text("")
+    while _calls(project) != [[-1]]:  # the stuck call runs on to its end; its answer is dropped
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.02)
+    assert short_server.post(path, b'{"data": [[4, 4]]}').json() == {"data": [[4, [8, 1]]]}
+    assert _calls(project) == [[-1], [4]]  # 1, 2 and 3 timed out queued: never run
 
 
 def test_a_crash_in_a_gathered_call_fails_the_requests_it_held_and_no_other(
@@ -503,7 +564,7 @@ def test_a_crash_in_a_gathered_call_fails_the_requests_it_held_and_no_other(
     for _, answer in failed:
         assert answer.status_code == 422 and "crashed" in answer.json()["error"]
         assert "micro-batch" in answer.json()["error"] and "exited with code 3" in answer.json()["error"]
-    ran = [int(v) for line in (project / "calls.log.vec").read_text().splitlines() for v in line.split()]
+    ran = [v for call in _calls(project) for v in call]
     assert sorted(ran) == sorted([-1, *ok])  # what failed never ran again; the rest ran once
     assert len(ok) == 12 - len(failed)
     assert all(a.json()["data"][0][1][1] == len(ok) for v, a in zip(values, answers) if v in ok)  # one call

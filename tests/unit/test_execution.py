@@ -353,3 +353,47 @@ def test_a_worker_gathers_raw_bodies_in_order_and_announces_each_call_of_several
     assert gathers_raw({"vectorized": True, "max_wait_ms": 0, "max_batch_rows": 4})
     assert not gathers_raw({"vectorized": True, "max_wait_ms": 2, "max_batch_rows": 4})
     assert not gathers_raw({"vectorized": True, "max_wait_ms": 0, "concurrency": 2})
+
+
+def test_a_vectorized_version_with_no_wait_gathers_raw_bodies_on_its_thread() -> None:
+    """Decided once, at load: the loop hands such a version raw bodies, and the requests
+    queued while its thread was busy are parsed and gathered there into one call."""
+    from framework.protocol import Call
+
+    gate = threading.Event()
+    calls: list[tuple[str, list[int]]] = []
+
+    def double(x: list[int]) -> list[int]:
+        calls.append((threading.current_thread().name, list(x)))
+        gate.wait(10)
+        return [2 * v for v in x]
+
+    vectorized = {"vectorized": True, "max_batch_rows": 1024}
+    runner = _runner(double, **vectorized, max_wait_ms=0)
+    assert runner.parses_bodies
+    assert not _runner(double, **vectorized, max_wait_ms=1).parses_bodies  # the loop's Batcher
+    assert not _runner(double, **vectorized, max_wait_ms=0, inline=True).parses_bodies
+
+    async def go() -> list[Any]:
+        def send(body: bytes, timeout: float = 30) -> asyncio.Task[Any]:
+            stand_in = Call(False, None, [], [], False, None)
+            return asyncio.ensure_future(runner.run_body(body, None, timeout, stand_in))
+
+        first = send(b'{"data": [[1, 1]]}')
+        while not calls:  # the thread holds the first call
+            await asyncio.sleep(0.01)
+        behind = [send(b'{"data": [[1, 2], [2, 3]]}'), send(b'{"data": [[1, 4]]}', 0.05),
+                  send(b'{"data": [[1, 5]]}'), send(b'{"data": [[1, 6]')]
+        await asyncio.sleep(0.2)  # the second times out, queued
+        gate.set()
+        return await asyncio.gather(first, *behind, return_exceptions=True)
+
+    try:
+        first, two, late, five, bad = asyncio.run(go())
+    finally:
+        runner.close()
+    assert first == (200, b'{"data":[[1,2]]}') and two == (200, b'{"data":[[1,4],[2,6]]}')
+    assert five == (200, b'{"data":[[1,10]]}')
+    assert isinstance(late, CallTimeout) and type(bad).__name__ == "BadRequest"
+    assert [rows for _, rows in calls] == [[1], [2, 3, 5]]  # the timed-out one never ran
+    assert {name for name, _ in calls} == {"double-v1-1"}
