@@ -64,3 +64,26 @@ def test_the_instruction_count_still_drives_every_app(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "each app answered every case" in proc.stdout
     assert "| bare-inline | bare-safe | ours |" in proc.stdout
+
+
+def test_the_before_and_after_comparison_runs_against_a_checkout(tmp_path: Path) -> None:
+    # This checkout against itself: both servers start, answer under load, and are compared.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "ab.py"), "--before", str(REPO), "--rounds", "1",
+         "--seconds", "1", "--path", "/v1/doubler/latest", "--rows", "10", "--features", "1"],
+        cwd=tmp_path, env=cli_env(tmp_path / "unused-store", TMPDIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [r for table in _tables(proc.stdout) for r in table if r[0] == "`/v1/doubler/latest`"]
+    assert float(row[1].replace(",", "")) > 0 and float(row[2].replace(",", "")) > 0 and float(row[3]) > 0
+
+
+def test_the_comparison_names_a_checkout_without_the_package(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "ab.py"), "--before", str(tmp_path)],
+        cwd=tmp_path, env=cli_env(tmp_path / "unused-store", TMPDIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert str(tmp_path) in proc.stderr and "git worktree add" in proc.stderr
