@@ -26,9 +26,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import httpx
 import orjson
 from prometheus_client.core import CounterMetricFamily, Metric
 
@@ -39,6 +38,9 @@ from framework.errors import NotFound
 from framework.serve.leases import Leases
 from framework.serve.links import Links
 from framework.store.base import Store
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("framework.serve.jobs")
 
@@ -134,10 +136,6 @@ class Jobs:
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        # No redirects: a receiver could otherwise send the answer on to an address never checked.
-        # No kept-alive connections: one to a checked address must not carry another host's call.
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                         limits=httpx.Limits(max_keepalive_connections=0))
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -249,7 +247,8 @@ class Jobs:
         return min(self.backoff * 2 ** (done - 1), self.backoff_max)
 
     async def _deliver(self, job: dict[str, Any], payload: bytes) -> None:
-        assert self._client is not None
+        if self._client is None:  # made at the first delivery: httpx slows the server's start
+            self._client = webhooks.client()
         timeout = self.timeout if job["ignore_timeout"] else self.hook_timeout
         while len(job["attempts"]) < self.attempts:
             if job["attempts"]:

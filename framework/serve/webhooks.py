@@ -15,11 +15,12 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from framework.errors import BadRequest, ConfigError
+
+if TYPE_CHECKING:  # imported where used: the server starts sooner without it
+    import httpx
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -70,6 +71,8 @@ def check(url: object, allow: Allow) -> Target:
     """
     if not isinstance(url, str):
         raise BadRequest(f'"response_webhook" must be a URL string, got {url!r}')
+    import httpx
+
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
@@ -111,9 +114,21 @@ class Outcome:
         return {"ok": self.ok, "status": self.status, "error": self.error}
 
 
+def client() -> httpx.AsyncClient:
+    """The client deliveries are made with."""
+    import httpx
+
+    # No redirects: a receiver could otherwise send the answer on to an address never checked.
+    # No kept-alive connections: one to a checked address must not carry another host's call.
+    return httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                             limits=httpx.Limits(max_keepalive_connections=0))
+
+
 async def attempt(client: httpx.AsyncClient, url: str, allow: Allow, body: bytes, batch_id: str,
                   timeout: float) -> Outcome:
     """POST `body` to the webhook once, to the address checked just before."""
+    import httpx
+
     try:
         target = await check_async(url, allow)
     except BadRequest as exc:  # the name now resolves somewhere it may not: final
