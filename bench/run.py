@@ -531,10 +531,13 @@ docs/performance.md says how to run the harness and what each row means; in shor
   `bench/servers.py`): more gain nothing on its small products and, on two
   busy cores, spinning BLAS threads slowed vectorized calls several fold.
   Its vectorized call runs on the version's thread, as the default mode
-  says; the `inline=True` line runs the same call on the event loop, only to
+  says; with one thread and no wait, that thread also takes the raw bodies
+  queued for the version, parses them and gathers their rows into calls, as
+  a worker process does; the loop only reads the bodies and writes the
+  answers. The `inline=True` line runs the same call on the event loop, only to
   show what the hop to the thread and back costs a model whose numpy calls
-  each let go of the GIL and take it again while the loop parses the next
-  request. It is not a way to serve it: a call takes about half a millisecond.
+  each let go of the GIL and take it again. It is not a way to serve it: a
+  call takes about half a millisecond.
   The `isolation="process"` line serves both sides in worker processes,
   whose numpy shares no GIL with the event loop; the rows cross a pipe.
 - Micro-batching gathers concurrent single-row requests into one call
