@@ -59,8 +59,8 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
 # Fixing one threshold fixes both, and M_TRIM_THRESHOLD stays at 128 KiB: a request that
 # freed more than that at the top of the heap had it handed back, and the next one faulted
-# it in again (about 100 page faults per 1,000-row request). Twice the mmap threshold is
-# glibc's own ratio when it moves them; malloc_trim on eviction still gives back the rest.
+# it in again. Twice the mmap threshold is glibc's own ratio when it moves them;
+# malloc_trim on eviction still gives back the rest.
 M_TRIM_THRESHOLD = -1
 TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
 

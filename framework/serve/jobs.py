@@ -248,7 +248,7 @@ class Jobs:
 
     async def _deliver(self, job: dict[str, Any], payload: bytes) -> None:
         if self._client is None:  # made at the first delivery: httpx slows the server's start
-            self._client = webhooks.client()
+            self._client = webhooks.delivery_client()
         timeout = self.timeout if job["ignore_timeout"] else self.hook_timeout
         while len(job["attempts"]) < self.attempts:
             if job["attempts"]:

@@ -114,7 +114,7 @@ class Outcome:
         return {"ok": self.ok, "status": self.status, "error": self.error}
 
 
-def client() -> httpx.AsyncClient:
+def delivery_client() -> httpx.AsyncClient:
     """The client deliveries are made with."""
     import httpx
 

@@ -571,8 +571,8 @@ print("httpx" in sys.modules)
 
 
 def test_the_server_starts_without_importing_httpx_which_the_first_webhook_does(tmp_path: Path) -> None:
-    # httpx and what it pulls in (httpx._main, rich) were about 0.1 s of every start; the
-    # webhook tests above show a delivery still works once it is imported.
+    # httpx and what it pulls in (httpx._main, rich) slowed every start; the webhook
+    # tests above show a delivery still works once it is imported.
     env = {**os.environ, "FRAMEWORK_STORE": str(tmp_path / "store")}
     env.pop("FRAMEWORK_CONFIG", None)
     out = subprocess.run([sys.executable, "-c", START_WITHOUT_HTTPX], capture_output=True, text=True,
