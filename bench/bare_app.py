@@ -52,14 +52,15 @@ safe_app = Starlette(routes=[Route("/v1/{name}/{ref}", infer_safe, methods=["POS
 if __name__ == "__main__":
     import uvicorn
 
-    from framework.serve.server import HTTPProtocol
+    from framework.serve.server import NoDelay
 
     args = [a for a in sys.argv[1:] if a != "--safe"]
     safe = "--safe" in sys.argv[1:]
     port, workers = int(args[0]), int(args[1]) if len(args) > 1 else 1
     name = "safe_app" if safe else "app"
     target = f"bare_app:{name}" if workers > 1 else (safe_app if safe else app)
-    # uvicorn's protocol with TCP_NODELAY, as `framework serve` runs: with plain
-    # `--workers` any app answers about 40 ms late (see framework/serve/server.py).
+    # uvicorn's own protocol with TCP_NODELAY, which `framework serve` sets too: with plain
+    # `--workers` any app answers about 40 ms late (see framework/serve/server.py). Not
+    # the runtime's writing of a response in one send, which is the framework's own work.
     uvicorn.run(target, host="127.0.0.1", port=port, workers=workers, log_level="warning",
-                http=HTTPProtocol)
+                http=NoDelay)
