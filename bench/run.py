@@ -502,6 +502,8 @@ docs/performance.md says how to run the harness and what each row means; in shor
   that a drift in the machine's speed during a run favours none of them.
 - All servers run uvicorn with httptools and uvloop (what `uvicorn[standard]`
   adds), with TCP_NODELAY on every connection (`framework/serve/server.py`).
+  Ours also sends a response's head and body in one write (`OneWrite`); the
+  bare apps keep uvicorn's two, as a hand-written endpoint would.
 - `framework serve` tunes CPython's garbage collector (`framework/serve/server.py`):
   what exists once the app is built is frozen, and the youngest objects are
   collected every 10,000 new ones, not 700; the bare apps keep the defaults,
