@@ -259,7 +259,8 @@ def batch_answer(call: Call, results: list[Any], failed: dict[int, str]) -> Answ
         errors = sorted(((ids[n], e) for n, e in failed.items()), key=call.order)
     else:
         data, errors = list(zip(ids, results)), []
-    data.sort(key=call.order)  # linear when the ids came in order
+    if len(data) > 1:
+        data.sort(key=call.order)  # linear when the ids came in order
     try:
         body = encoding.dumps({"data": data, "errors": errors} if call.partial else {"data": data})
     except TypeError:

@@ -190,3 +190,37 @@ def test_body_deadlines_cancel_only_reads_past_their_deadline():
         assert not deadlines.reading and not deadlines.expired
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b'{"data": [[1, 10]]}', [1]),
+    (b'{"data": [["a", 10]]}', ["a"]),
+    (b'{"data": [[1.5, 10]]}', [1.5]),
+    (b'{"data": [[1]]}', [1]),
+    (b'{"data": [[true, 10]]}', "row 0 has an invalid id True"),
+    (b'{"data": [[null, 10]]}', "row 0 has an invalid id None"),
+    (b'{"data": [[[1], 10]]}', "row 0 has an invalid id [1]"),
+    (b'{"data": [[{"a": 1}, 10]]}', "row 0 has an invalid id {'a': 1}"),
+    (b'{"data": [[]]}', "row 0 must be a non-empty list"),
+    (b'{"data": [5]}', None),
+    (b'{"data": [[1, 10]], "batch": false}', None),
+])
+def test_a_one_row_batch_is_checked_as_any_batch(body, expected):
+    """One row has a path of its own in `call_from`: the same answers as a batch of many."""
+    for two in (False, True):  # the same row, alone and followed by a valid one
+        doc = orjson.loads(body)
+        if two and isinstance(expected, list):
+            doc["data"].append(["other", 1])
+        try:
+            call = protocol.call_from(doc, max_rows=10)
+        except BadRequest as exc:
+            assert isinstance(expected, str) and expected in str(exc)
+            continue
+        if expected is None:
+            assert not call.batch and call.data == doc["data"]
+        else:
+            assert call.batch and call.ids == expected + (["other"] if two else [])
+            # ids of one type sort plainly; a string among numbers needs the pair order
+            assert (call.order is protocol.pair_order) == (two and not isinstance(expected[0], str))
+    with pytest.raises(PayloadTooLarge, match="1 rows, over the server's limit of 0"):
+        protocol.call_from(orjson.loads(b'{"data": [[1, 10]]}'), max_rows=0)
