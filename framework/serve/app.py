@@ -32,6 +32,8 @@ from framework.serve.scope import SCOPE_ERROR
 from framework.store import signing
 
 log = logging.getLogger("framework.runtime")
+MATCHES_KEPT = 1024  # paths whose route InferenceFirst keeps
+
 
 class InferenceFirst:
     """Answers the inference routes ahead of Starlette's ExceptionMiddleware and router.
@@ -46,18 +48,38 @@ class InferenceFirst:
     def __init__(self, app: ASGIApp, routes: list[Route]) -> None:
         self.app = app
         self.routes = routes
+        # Path (and root path) to the route it matches and the scope it adds, or None:
+        # clients repeat a few paths, and matching one costs several dict lookups more.
+        self.matched: dict[tuple[str, str], tuple[ASGIApp, Scope] | None] = {}
+
+    def _match(self, scope: Scope) -> tuple[ASGIApp, Scope] | None:
+        for route in self.routes:
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                return route.app, child_scope
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            for route in self.routes:
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child_scope)
-                    try:
-                        await route.app(scope, receive, send)
-                    except FrameworkError as exc:
-                        await answer_error(scope, exc)(scope, receive, send)
-                    return
+            if "path_params" in scope:  # a mount's: they join the match, so it is not kept
+                found = self._match(scope)
+            else:
+                key = (scope["path"], scope.get("root_path", ""))
+                try:
+                    found = self.matched[key]
+                except KeyError:
+                    if len(self.matched) >= MATCHES_KEPT:  # random paths cannot grow it for ever
+                        self.matched.clear()
+                    found = self.matched[key] = self._match(scope)
+            if found is not None:
+                app, child_scope = found
+                scope.update(child_scope)
+                scope["path_params"] = dict(child_scope["path_params"])  # each request its own
+                try:
+                    await app(scope, receive, send)
+                except FrameworkError as exc:
+                    await answer_error(scope, exc)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
