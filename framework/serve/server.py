@@ -72,6 +72,9 @@ class OneWrite:
         self.flush()
         self._transport.set_protocol(protocol)
 
+    def is_closing(self) -> bool:  # asked once per response: a method, not `__getattr__`'s fallback
+        return self._transport.is_closing()
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + len(self._held or b"")
 
