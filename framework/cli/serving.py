@@ -78,7 +78,7 @@ def serve(host: str | None, port: int | None, workers: int | None, log_level: st
     _check_port(host, port)
     note(f"serving store {cfg.store} on http://{host}:{port} ({workers} worker(s))")
     common: dict[str, Any] = dict(host=host, port=port, log_level=log_level, http=HTTPProtocol,
-                                  access_log=not s["access_log"],  # ours replaces uvicorn's lines
+                                  access_log=False,  # ours replaces uvicorn's lines, on or off
                                   root_path=root_path or "")
     if workers == 1:
         from framework.serve.app import serving_app

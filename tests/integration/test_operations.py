@@ -147,6 +147,8 @@ def test_metrics_and_logs_can_be_turned_off(tmp_path, faulty_store):
     finally:
         server.stop()
     assert not log_lines(server)
+    # Nor uvicorn's own line per request in place of ours: off is off.
+    assert "/v1/echo/latest" not in server.output_once(lambda text: True)
 
 
 def test_liveness_and_readiness(tmp_path):
