@@ -49,7 +49,8 @@ class InferenceFirst:
         self.app = app
         self.routes = routes
         # Path (and root path) to the route it matches and the scope it adds, or None:
-        # clients repeat a few paths, and matching one costs several dict lookups more.
+        # clients repeat a few paths, and matching one runs a regular expression and builds
+        # two dictionaries.
         self.matched: dict[tuple[str, str], tuple[ASGIApp, Scope] | None] = {}
 
     def _match(self, scope: Scope) -> tuple[ASGIApp, Scope] | None:
