@@ -209,7 +209,7 @@ def test_a_one_row_batch_is_checked_as_any_batch(body, expected):
     """One row has a path of its own in `call_from`: the same answers as a batch of many."""
     for two in (False, True):  # the same row, alone and followed by a valid one
         doc = orjson.loads(body)
-        if two and isinstance(expected, list):
+        if two:
             doc["data"].append(["other", 1])
         try:
             call = protocol.call_from(doc, max_rows=10)
