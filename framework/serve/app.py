@@ -74,8 +74,8 @@ class InferenceFirst:
                     found = self.matched[key] = self._match(scope)
             if found is not None:
                 app, child_scope = found
-                scope.update(child_scope)
-                scope["path_params"] = dict(child_scope["path_params"])  # each request its own
+                # Each request its own params: the kept ones are every later request's too.
+                scope.update(child_scope, path_params=dict(child_scope["path_params"]))
                 try:
                     await app(scope, receive, send)
                 except FrameworkError as exc:

@@ -222,5 +222,8 @@ def test_a_one_row_batch_is_checked_as_any_batch(body, expected):
             assert call.batch and call.ids == expected + (["other"] if two else [])
             # ids of one type sort plainly; a string among numbers needs the pair order
             assert (call.order is protocol.pair_order) == (two and not isinstance(expected[0], str))
+
+
+def test_a_one_row_batch_counts_against_max_rows():
     with pytest.raises(PayloadTooLarge, match="1 rows, over the server's limit of 0"):
         protocol.call_from(orjson.loads(b'{"data": [[1, 10]]}'), max_rows=0)
