@@ -2,5 +2,5 @@
 
 `loading` (the one place a pickle is loaded), `versions` (refs resolved, loaded
 versions kept), `runner` (where a call runs), `calls` (the work and its answer),
-`threads`, `isolation` + `worker` (worker processes), `batching`, `environments`.
+`threads`, `isolation` + `process` + `worker` (worker processes), `batching`, `environments`.
 """

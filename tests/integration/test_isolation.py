@@ -309,6 +309,36 @@ def test_a_crashing_worker_fails_only_its_call_and_is_replaced(
     assert server.proc.poll() is None
 
 
+def _pipes_and_children(pid: int) -> tuple[int, list[int]]:
+    """The pipes the server holds open and its child processes, zombies included."""
+    fds = Path(f"/proc/{pid}/fd")
+    pipes = 0
+    for fd in fds.iterdir():
+        try:
+            pipes += os.readlink(fd).startswith("pipe:")
+        except FileNotFoundError:  # closed meanwhile
+            pass
+    children = sorted(int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                      for c in (task / "children").read_text().split())
+    return pipes, children
+
+
+def test_a_worker_replaced_again_and_again_leaves_no_pipe_or_process_behind(server: Server) -> None:
+    # The pipes to a worker belong to the event loop: each replaced worker's must be closed,
+    # and the process reaped, or a crash-looping deployment would run the server out of both.
+    server.post("/v1/isolated/latest", {"data": 1})
+    pipes, children = _pipes_and_children(server.proc.pid)
+    for crash in ["exit", "segfault", -30, "exit", -30]:
+        body = {"data": crash, "timeout_seconds": 0.5} if crash == -30 else {"data": crash}
+        assert server.post("/v1/isolated/latest", body).status_code in (422, 504)
+        assert server.post("/v1/isolated/latest", {"data": 2}).status_code == 200
+    after_pipes, after_children = _pipes_and_children(server.proc.pid)
+    assert after_pipes == pipes
+    assert len(after_children) == len(children)
+    for child in after_children:
+        assert Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_a_call_past_its_limit_kills_its_worker_and_what_queued_behind_runs(server: Server) -> None:
     _, before = server.post("/v1/isolated/latest", {"data": 1}).json()["data"]
     with ThreadPoolExecutor(4) as pool:
