@@ -169,19 +169,19 @@ class ProcessLane:
                     except Exception as exc:  # noqa: BLE001 - every call waiting gets the load error
                         for handoff in batch:
                             _settle(handoff, False, exc)
+                        if worker is not None:  # its pipes could not be opened here: not usable
+                            threading.Thread(target=worker.stop, daemon=True).start()
+                            worker = None
                         continue
                 assert worker is not None
                 if not await self._exchange(worker, pipes, batch, pending):
                     worker, pipes = None, None  # killed or dead: the next calls start a new one
-        except asyncio.CancelledError:  # the loop is shutting down: nobody waits for these
-            raise
-        except BaseException as exc:  # ours, not the user's: fail what this task held, once
-            log.exception("%s: the task serving a worker failed", self.label)
+        except Exception as exc:  # noqa: BLE001 - ours, not the user's: fail what this task held, once
+            log.exception("%s: the task serving a worker failed; starting another", self.label)
             for handoff in pending:
                 _settle(handoff, False, RuntimeError(f"{self.label}: {exc!r}"))
             if not self.closed:
                 self._start(None)
-            raise
         finally:
             if pipes is not None:
                 pipes.close()  # the worker sees EOF and exits
