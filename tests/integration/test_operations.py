@@ -244,6 +244,7 @@ def test_sigterm_exits_even_with_a_hung_deployment_thread(faulty_store):
 def test_soak_harness_runs_clean_for_a_few_seconds():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--duration", "4",
                            "--connections", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.stdout, f"the soak harness printed no summary (code {proc.returncode}):\n{proc.stderr}"
     summary = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert summary["wrong_answers"] == 0 and summary["server_errors_5xx"] == 0
