@@ -32,7 +32,7 @@ from typing import Any, Callable, TypeVar
 
 from framework.errors import CallTimeout, WorkerCrashed
 from framework.execute.process import Pipes, Worker
-from framework.execute.threads import _Handoff
+from framework.execute.threads import _Handoff, settle
 
 log = logging.getLogger("framework.runtime")
 
@@ -47,17 +47,13 @@ async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
-    def settle(ok: bool, value: Any) -> None:
-        if not future.done():
-            future.set_result(value) if ok else future.set_exception(value)
-
     def run() -> None:
         try:
             result: Any = (True, fn(*args))
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
             result = (False, exc)
         try:
-            loop.call_soon_threadsafe(settle, *result)
+            loop.call_soon_threadsafe(settle, future, *result)
         except RuntimeError:  # the loop has closed: nobody waits
             pass
 
@@ -168,7 +164,7 @@ class ProcessLane:
                         pipes = await Pipes.open(*worker.pipes())
                     except Exception as exc:  # noqa: BLE001 - every call waiting gets the load error
                         for handoff in batch:
-                            _settle(handoff, False, exc)
+                            settle(handoff.future, False, exc)
                         if worker is not None:  # its pipes could not be opened here: not usable
                             threading.Thread(target=worker.stop, daemon=True).start()
                             worker = None
@@ -179,7 +175,7 @@ class ProcessLane:
         except Exception as exc:  # noqa: BLE001 - ours, not the user's: fail what this task held, once
             log.exception("%s: the task serving a worker failed; starting another", self.label)
             for handoff in pending:
-                _settle(handoff, False, RuntimeError(f"{self.label}: {exc!r}"))
+                settle(handoff.future, False, RuntimeError(f"{self.label}: {exc!r}"))
             if not self.closed:
                 self._start(None)
         finally:
@@ -200,7 +196,7 @@ class ProcessLane:
             sent = pipes.send(("call", [(h.kind, h.arg, h.deadline) for h in batch]))
         except Exception as exc:  # noqa: BLE001 - the call's data does not pickle
             for handoff in batch:
-                _settle(handoff, False, exc)
+                settle(handoff.future, False, exc)
             return True
         if not sent:  # a broken pipe: nothing reached the worker, all of it goes to a new one
             pending.extendleft(reversed(batch))
@@ -239,23 +235,13 @@ class ProcessLane:
                     deadline = max(h.deadline for h in batch[index:last + 1])
                     continue
                 if answer[0] == "done":
-                    _settle(handoff, answer[1], answer[2] if answer[1] else RuntimeError(answer[2]))
+                    settle(handoff.future, answer[1], answer[2] if answer[1] else RuntimeError(answer[2]))
                 index += 1  # "expired": its caller's own timer answers it
                 continue
             # The worker is gone: the running call fails, with every request it held, and the
             # calls behind them, which never started, go to the next worker.
             for failed in batch[index:last + 1]:
-                _settle(failed, False, error)
+                settle(failed.future, False, error)
             pending.extendleft(reversed(batch[last + 1:]))
             return False
         return True
-
-
-def _settle(handoff: _Handoff, ok: bool, value: Any) -> None:
-    future = handoff.future
-    if future.done():  # its caller gave up meanwhile
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)

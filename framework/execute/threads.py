@@ -53,6 +53,16 @@ class _Handoff:
         self.value: Any = None
 
 
+def settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Give `future` its result (`ok`) or exception, unless its caller gave up meanwhile."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
 class Answers:
     """Hands finished calls back to the event loop, many in one wake-up."""
 
@@ -81,13 +91,7 @@ class Answers:
             done = list(self._results)
             self._results.clear()
         for handoff in done:
-            future = handoff.future
-            if future.cancelled():
-                continue
-            if handoff.ok:
-                future.set_result(handoff.value)
-            else:
-                future.set_exception(handoff.value)
+            settle(handoff.future, handoff.ok, handoff.value)
 
 
 class Lane(Answers):
