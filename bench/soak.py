@@ -145,6 +145,22 @@ class Soak:
             )
 
 
+def wait_ready(url: str, server: subprocess.Popen, log: Path, seconds: float = 30) -> None:
+    """Until `/readyz` answers 200, pausing between tries; a server that exits or is not
+    ready in time ends the run with its log, not a soak against nothing."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"the server was not ready within {seconds:.0f} s:\n{log.read_text()}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
@@ -168,12 +184,7 @@ def main() -> int:
              "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            wait_ready(url, server, work / "server.log")
             rss_start = rss_kib(server.pid)
             soak = Soak(url, key, args.duration)
             started = time.monotonic()
