@@ -12,6 +12,9 @@ import httpx
 
 from conftest import free_port, stop_process
 
+# moto's server with its PUTs made atomic, as S3's conditional writes are (see the file).
+ATOMIC_MOTO = Path(__file__).with_name("atomic_moto.py")
+
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -20,7 +23,7 @@ CREDENTIALS = {
 
 
 class MotoServer:
-    """`python -m moto.server` on 127.0.0.1, stopped by its PID; state lives in its memory."""
+    """moto's server (`ATOMIC_MOTO`) on 127.0.0.1, stopped by its PID; state lives in its memory."""
 
     def __init__(self, log_dir: Path) -> None:
         self.port = free_port()
@@ -28,7 +31,7 @@ class MotoServer:
         self.log = log_dir / f"moto-{self.port}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, str(ATOMIC_MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
